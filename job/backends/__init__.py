@@ -1,0 +1,88 @@
+"""Training backends: the seam between medft's pipeline and the library that runs the model.
+
+Two implementations share one small interface: ``hf`` (transformers + peft, any machine) and ``unsloth``
+(Unsloth's patched kernels, CUDA only). Every GPU-only import lives inside ``job.backends.unsloth`` and
+is reached only through :func:`select_backend`, so the CPU path imports nothing that needs a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from job.config import JobConfig
+from registry.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Settings a backend picked for this machine, with the reason for each (logged and stored)."""
+
+    batch_size: int
+    grad_accum: int
+    packing: bool
+    gradient_checkpointing: bool | str
+    load_in_4bit: bool
+    precision: str  # "bf16", "fp16" or "fp32"
+    optim: str
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+class TrainingBackend(Protocol):
+    """What the train stage needs from a backend. Implementations raise MedftError subclasses only."""
+
+    name: str
+
+    def plan(self, cfg: JobConfig) -> TrainPlan:
+        """Resolve ``auto`` settings for the hardware found; pure, no model loaded."""
+        ...
+
+    def load(self, weights_dir: Path, cfg: JobConfig, plan: TrainPlan) -> tuple[Any, Any]:
+        """Load the base model from a local safetensors directory and wrap it with fresh LoRA adapters.
+
+        Returns ``(peft_model, tokenizer)``; the tokenizer has a pad token set.
+        """
+        ...
+
+    def trainer_class(self) -> type:
+        """The SFTTrainer class to use (Unsloth patches TRL's; hf returns TRL's own)."""
+        ...
+
+    def sft_args(self, cfg: JobConfig, plan: TrainPlan) -> dict[str, Any]:
+        """Backend-specific ``trl.SFTConfig`` keyword arguments (precision, optimizer, checkpointing)."""
+        ...
+
+    def for_inference(self, model: Any) -> Any:
+        """Switch the trained model to fast generation; returns the model to call ``generate`` on."""
+        ...
+
+
+def unsloth_available() -> bool:
+    """CUDA present and unsloth installed, checked without importing unsloth (it fails without a GPU)."""
+    if importlib.util.find_spec("unsloth") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def select_backend(cfg: JobConfig) -> TrainingBackend:
+    """Return the backend ``model.backend`` names; ``auto`` picks unsloth when it can run here.
+
+    Raises ConfigError when ``unsloth`` is asked for on a machine that cannot run it.
+    """
+    name = cfg.model.backend
+    if name == "auto":
+        name = "unsloth" if unsloth_available() else "hf"
+    if name == "unsloth":
+        if not unsloth_available():
+            raise ConfigError("model.backend: unsloth needs a CUDA GPU and the medft[gpu] extra; "
+                              "use --set model.backend=hf (or auto) on this machine")
+        from job.backends.unsloth import UnslothBackend  # GPU-only imports stay behind this line
+
+        return UnslothBackend()
+    from job.backends.hf import HFBackend
+
+    return HFBackend()

@@ -1,0 +1,285 @@
+"""The one job configuration: a frozen pydantic model parsed once and passed down typed.
+
+Sources, later wins: the defaults below, the YAML file (``--config``), ``--set a.b=c`` overrides (values
+parsed as YAML scalars), then the environment: ``MEDFT_<SECTION>__<KEY>`` for any key, plus the
+shortcuts ``MEDFT_STORE`` (output.store), ``MEDFT_REGISTRY`` (output.registry) and ``MEDFT_RUN_ID``
+(output.run_id, which Kubernetes sets from the Job name). Any problem raises :class:`ConfigError`
+(exit 2) naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from registry.errors import ConfigError
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: The reference tutorials' two test cases, in our own words: asked before and after fine-tuning.
+DEFAULT_EVAL_QUESTIONS = (
+    "A 61-year-old woman with a long history of involuntary urine loss during activities like coughing or "
+    "sneezing but no leakage at night undergoes a gynecological exam and Q-tip test. Based on these "
+    "findings, what would cystometry most likely reveal about her residual volume and detrusor contractions?",
+    "A patient has had a 5-day history of pain in the right lower abdomen, and on day 5 a tender mass is "
+    "palpable in the right lower quadrant, with a low-grade fever. What is the most likely diagnosis and "
+    "how should it be managed initially?",
+)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+def _no_path_tricks(value: str | None, what: str) -> str | None:
+    if value is None:
+        return value
+    parts = re.split(r"[\\/]", value.split("://", 1)[-1])
+    if ".." in parts:
+        raise ValueError(f"{what} must not contain '..' path segments: {value!r}")
+    return value
+
+
+class ModelConfig(_Section):
+    base: str = "hf://deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    """Base weights: hf://org/name, s3://bucket/prefix, a local directory or a .gguf file."""
+    revision: str | None = None
+    """Hub revision (commit sha, tag or branch) of ``base``; pin a sha for reproducible runs."""
+    merge_base: str | None = None
+    """16-bit weights to merge into when ``base`` is pre-quantized (a ...-bnb-4bit repository)."""
+    max_seq_length: int = Field(2048, gt=0, le=131072)
+    load_in_4bit: bool = True
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    trust_remote_code: bool = False
+
+    _check_base = field_validator("base", "merge_base")(lambda v, info: _no_path_tricks(v, f"model.{info.field_name}"))
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pin(self) -> ModelConfig:
+        if self.trust_remote_code and not (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+            raise ValueError("model.trust_remote_code needs model.revision pinned to a 40-hex commit sha")
+        return self
+
+
+class ColumnsConfig(_Section):
+    question: str = "Question"
+    reasoning: str = "Complex_CoT"
+    answer: str = "Response"
+
+
+class DataConfig(_Section):
+    source: str = "hf://FreedomIntelligence/medical-o1-reasoning-SFT"
+    """hf://org/dataset, s3://bucket/key, or a local .json/.jsonl/.parquet/.csv file."""
+    subset: str | None = "en"
+    split: str = "train[:500]"
+    revision: str | None = None
+    columns: ColumnsConfig = ColumnsConfig()
+    template: Literal["r1-medical", "r1-medical-zh", "chat"] = "r1-medical"
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    too_long: Literal["drop", "truncate"] = "drop"
+    """What to do with a row longer than model.max_seq_length."""
+    train_on_prompt: bool = False
+    """Train on the whole text as the tutorials do; by default only the completion is trained."""
+    cache_dir: str | None = None
+
+    _check_source = field_validator("source")(lambda v: _no_path_tricks(v, "data.source"))
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, le=1024)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("lora.target_modules needs at least one module name")
+        return v
+
+
+class TrainConfig(_Section):
+    batch_size: int | Literal["auto"] = 2
+    """Micro-batch size; ``auto`` sizes it to the GPU's memory (unsloth backend)."""
+    grad_accum: int = Field(4, gt=0)
+    max_steps: int = Field(60, ge=-1)
+    """Optimizer steps; -1 trains for ``epochs`` instead."""
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    optim: str = "adamw_8bit"
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: str = "linear"
+    seed: int = 3407
+    packing: bool | Literal["auto"] = "auto"
+    """Padding-free packing of rows into micro-batches; ``auto`` packs on the unsloth backend."""
+    gradient_checkpointing: Literal["auto", "unsloth", "on", "off"] = "auto"
+    checkpoint_every: int = Field(20, gt=0)
+    logging_steps: int = Field(1, gt=0)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("train.batch_size must be a positive integer or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _steps_not_zero(self) -> TrainConfig:
+        if self.max_steps == 0:
+            raise ValueError("train.max_steps must be positive, or -1 to train for train.epochs")
+        return self
+
+
+class EvalConfig(_Section):
+    enabled: bool = True
+    questions: tuple[str, ...] = DEFAULT_EVAL_QUESTIONS
+    max_new_tokens: int = Field(256, gt=0)
+    max_eval_rows: int = Field(64, gt=0)
+
+
+class ExportConfig(_Section):
+    merge: bool = True
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_size: int = Field(2 * 1024**3, gt=0)
+    """Largest merged shard in bytes; also bounds the merge's peak host memory."""
+    merge_tolerance: float = Field(2e-2, gt=0)
+    """Largest allowed |logit difference| between the merged model and base + adapter, relative to the
+    logits' own scale."""
+
+
+class OutputConfig(_Section):
+    store: str = "./medft-store"
+    registry: str | None = None
+    """Registry URI; defaults to ``<store>/registry``."""
+    model_name: str = "r1-medical"
+    aliases: tuple[str, ...] = ()
+    run_id: str | None = None
+
+    _check_store = field_validator("store", "registry")(lambda v, info: _no_path_tricks(v, f"output.{info.field_name}"))
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _RUN_ID.fullmatch(v):
+            raise ValueError("output.run_id must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+                             f"letter or digit; got {v!r}")
+        return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not _MODEL_NAME.fullmatch(v):
+            raise ValueError(f"output.model_name must be letters, digits, '.', '_' or '-'; got {v!r}")
+        return v
+
+
+class JobConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def registry_uri(self) -> str:
+        return self.output.registry or self.output.store.rstrip("/") + "/registry"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+_ENV_SHORTCUTS = {"MEDFT_STORE": "output.store", "MEDFT_REGISTRY": "output.registry",
+                  "MEDFT_RUN_ID": "output.run_id"}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"{origin}: {dotted!r} is not a key; write section.key, e.g. train.learning_rate")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(keys[:-1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is parsed as a YAML scalar (``1e-4`` -> float, ``true`` -> bool)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: write --set section.key=value, e.g. --set train.max_steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass an existing file to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def _first_error(e: ValidationError, origin: str) -> ConfigError:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key; see the configuration reference in README.md"
+    elif "input" in err and err["type"] not in ("missing",):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return ConfigError(f"{origin}: {key}: {msg}{more}")
+
+
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+                env: dict[str, str] | None = None) -> JobConfig:
+    """Resolve the job configuration from its sources; raises ConfigError (exit 2) naming the key."""
+    env = dict(os.environ) if env is None else env
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    origin = str(path) if path else "config"
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value, f"--set {key}")
+    for name, value in sorted(env.items()):
+        if name in _ENV_SHORTCUTS:
+            _set_dotted(tree, _ENV_SHORTCUTS[name], value, name)
+        elif name.startswith("MEDFT_") and "__" in name:
+            dotted = name.removeprefix("MEDFT_").lower().replace("__", ".")
+            _set_dotted(tree, dotted, parse_override(f"x={value}")[1], name)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as e:
+        raise _first_error(e, origin) from None

@@ -1,0 +1,79 @@
+"""The evaluate stage: held-out loss and greedy answers to fixed questions, before and after training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from job.config import JobConfig
+from job.templates import get_template
+from registry.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@torch.no_grad()
+def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 4) -> float | None:
+    """Mean loss per trained (completion) token over ``rows``; None when there are no eval rows."""
+    if not rows:
+        return None
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            n = len(r["input_ids"])
+            ids[j, :n] = torch.tensor(r["input_ids"])
+            mask[j, :n] = 1
+            labels[j, :n] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])])
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shifted = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                 shifted.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((shifted != -100).sum())
+    model.train(was_training)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def answers(model: Any, tokenizer: Any, cfg: JobConfig) -> list[dict[str, str]]:
+    """Greedy answers to ``eval.questions``, generated in one left-padded batch."""
+    template = get_template(cfg.data.template)
+    prompts = [template.prompt(q, tokenizer) for q in cfg.eval.questions]
+    if not prompts:
+        return []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last real token of every row
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = model.generate(**batch.to(device), max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [{"question": q, "output": "<think>\n" + t} for q, t in zip(cfg.eval.questions, texts)]
+
+
+def evaluate(model: Any, tokenizer: Any, eval_rows: list[dict[str, list[int]]], cfg: JobConfig,
+             label: str) -> dict[str, Any]:
+    """Eval loss and (when ``eval.enabled``) greedy answers, logged under ``label`` (before/after)."""
+    rows = eval_rows[: cfg.eval.max_eval_rows]
+    loss = eval_loss(model, rows, tokenizer.pad_token_id)
+    result: dict[str, Any] = {"eval_loss": loss, "eval_rows": len(rows),
+                              "perplexity": math.exp(loss) if loss is not None and loss < 50 else None}
+    result["answers"] = answers(model, tokenizer, cfg) if cfg.eval.enabled else []
+    log.info("eval.done", when=label, eval_loss=loss, eval_rows=len(rows), questions=len(result["answers"]))
+    return result

@@ -1,0 +1,225 @@
+"""The export stage: the PEFT adapter, and the adapter merged into the original 16-bit base weights.
+
+The merge streams the base checkpoint tensor by tensor (``safe_open``) and writes output shards as they fill,
+so peak host memory is about one output shard, never the model. Each LoRA delta is computed in float32 and
+added to the original weight, then cast to ``export.dtype``; a weight outside float16's range fails with a
+line suggesting bfloat16. The merged model's logits are then checked against base + adapter, unmerged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from job.config import JobConfig
+from registry.errors import ConfigError, DataError, TransientError
+from registry.logs import get_logger
+
+log = get_logger(__name__)
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_FP16_MAX = torch.finfo(torch.float16).max
+_COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], dest: Path, *, shard_size: int) -> list[str]:
+    """Write named tensors as safetensors shards of at most ``shard_size`` bytes (one tensor may exceed it).
+
+    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json``. Returns the shard file names. Disk full raises TransientError.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes, total = 0, 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            try:
+                save_file(pending, str(dest / f"part-{len(shards) + 1:05d}.safetensors"), metadata={"format": "pt"})
+            except OSError as e:
+                raise TransientError(f"{dest}: cannot write a shard ({e.strerror or e}); free disk space "
+                                     "and rerun with the same run id") from None
+            shards.append(list(pending))
+            pending, pending_bytes = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + nbytes > shard_size:
+            flush()
+        pending[name] = tensor
+        pending_bytes += nbytes
+        total += nbytes
+    flush()
+    if len(shards) == 1:
+        (dest / "part-00001.safetensors").replace(dest / "model.safetensors")
+        return ["model.safetensors"]
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    weight_map = {}
+    for i, (keys, name) in enumerate(zip(shards, names), start=1):
+        (dest / f"part-{i:05d}.safetensors").replace(dest / name)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def _base_shards(base_dir: Path) -> list[Path]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.exists():
+        return [base_dir / n for n in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    return sorted(base_dir.glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    scaling: float
+    pairs: dict[str, tuple[str, str]]  # base weight name -> (lora_A key, lora_B key)
+
+
+def read_adapter(adapter_dir: Path) -> LoraDelta:
+    """Map each adapted base weight to its LoRA A/B tensors in a PEFT adapter directory."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    pairs: dict[str, tuple[str, str]] = {}
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+        for key in f.keys():
+            if ".lora_A." in key:
+                base = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                pairs[base] = (key, key.replace(".lora_A.", ".lora_B."))
+    if not pairs:
+        raise DataError(f"{adapter_dir}: adapter has no LoRA weights to merge")
+    return LoraDelta(scaling=scaling, pairs=pairs)
+
+
+def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype,
+                    stats: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    delta = read_adapter(adapter_dir)
+    merged = set()
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as lora:
+        for shard in _base_shards(base_dir):
+            with safe_open(shard, "pt") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if name in delta.pairs:
+                        a_key, b_key = delta.pairs[name]
+                        w = tensor.float() + delta.scaling * (lora.get_tensor(b_key).float() @
+                                                              lora.get_tensor(a_key).float())
+                        merged.add(name)
+                    else:
+                        w = tensor.float() if tensor.is_floating_point() else tensor
+                    if w.is_floating_point():
+                        peak = float(w.abs().max()) if w.numel() else 0.0
+                        if not torch.isfinite(w).all():
+                            raise DataError(f"{name}: merged weight is not finite; the adapter diverged "
+                                            "(lower train.learning_rate)")
+                        if dtype == torch.float16 and peak > _FP16_MAX:
+                            raise ConfigError(f"{name}: merged weight reaches {peak:.3g}, beyond float16's "
+                                              f"{_FP16_MAX:.0f}; set export.dtype=bfloat16")
+                        w = w.to(dtype)
+                    stats["tensors"] = stats.get("tensors", 0) + 1
+                    yield name, w.contiguous()
+    missing = set(delta.pairs) - merged
+    if missing:
+        raise DataError(f"{adapter_dir}: adapter targets weights the base lacks ({sorted(missing)[0]}, ...); "
+                        "the adapter was trained on another architecture")
+    stats["merged_weights"] = len(merged)
+
+
+def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig) -> dict[str, Any]:
+    """Write base + adapter as sharded safetensors with config, generation config and tokenizer.
+
+    Raises ConfigError (float16 overflow), DataError (adapter does not fit the base), TransientError (disk).
+    """
+    dtype = _TORCH_DTYPES[cfg.export.dtype]
+    stats: dict[str, Any] = {}
+    shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats), dest,
+                           shard_size=cfg.export.shard_size)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["dtype"] = cfg.export.dtype
+    config.pop("quantization_config", None)
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    for name in _COPIED_FILES:
+        if (base_dir / name).exists():
+            shutil.copy2(base_dir / name, dest / name)
+    stats["shards"] = len(shards)
+    log.info("export.merged", dest=str(dest), **stats)
+    return stats
+
+
+@torch.no_grad()
+def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).logits.float().cpu()
+
+
+def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: Any, prompts: list[str],
+                tolerance: float) -> dict[str, float]:
+    """Compare the merged model's logits with base + adapter (unmerged) on ``prompts``.
+
+    The difference is measured relative to the logits' scale: max |a - b| / max |b|. One model is in memory
+    at a time. Raises DataError when it exceeds ``tolerance``.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+    reference = _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), dict(batch))
+    del base
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
+    merged_logits = _logits(merged_model, dict(batch))
+    del merged_model
+    mask = batch["attention_mask"].cpu().bool()
+    diff = float((merged_logits - reference).abs()[mask].max())
+    scale = float(reference.abs()[mask].max()) or 1.0
+    result = {"max_abs_logit_diff": diff, "relative_diff": diff / scale, "tolerance": tolerance,
+              "compare_dtype": str(dtype).removeprefix("torch.")}
+    log.info("export.merge_check", **result)
+    if diff / scale > tolerance:
+        raise DataError(f"{merged_dir}: merged logits differ from base + adapter by {diff:.4g} "
+                        f"({diff / scale:.3%} of scale, tolerance {tolerance:.3%}); the merge is wrong")
+    return result
+
+
+def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
+               answers: dict[str, list[dict[str, str]]]) -> str:
+    """The merged model's README.md: what it is, where it came from, how it scored, and its limits."""
+    base, data = lineage["base_model"], lineage["dataset"]
+    lines = [
+        "---", "license: apache-2.0", f"base_model: {base['uri'].removeprefix('hf://')}",
+        "tags: [medical, reasoning, lora, medft]", "---", "",
+        f"# {cfg.output.model_name}", "",
+        f"A LoRA fine-tune of `{base['uri']}` (revision `{base.get('revision') or 'unpinned'}`) for step-by-step "
+        "medical reasoning, trained and merged by medft. The model reasons inside `<think>...</think>` and then "
+        "answers.", "",
+        "**Not medical advice.** This model is a research artifact. Its answers can be wrong, incomplete or "
+        "out of date and must not be used to diagnose or treat anyone.", "",
+        "## Training data", "",
+        f"- source: `{data['source']}`, subset `{data.get('subset')}`, split `{data.get('split')}`",
+        f"- rows used: {data['rows']}, content sha256 `{data['content_sha256']}`", "",
+        "## Recipe", "", "```yaml", cfg.to_yaml().strip(), "```", "",
+        "## Metrics", "", "| metric | value |", "| --- | --- |",
+    ]
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str)) or value is None:
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    lines += ["", "## Answers before and after fine-tuning (greedy)", ""]
+    for before, after in zip(answers.get("before", []), answers.get("after", [])):
+        lines += [f"**Question:** {before['question']}", "", "Before:", "", "```", before["output"].strip(), "```",
+                  "", "After:", "", "```", after["output"].strip(), "```", ""]
+    lines += ["## License", "", "Apache-2.0 for this adapter and card; the base model's own license applies to "
+              "the merged weights.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""The publish stage: upload every artifact, then MANIFEST.json (create-only, last), then register.
+
+A run is published when, and only when, its manifest exists; registration happens after that and is made
+idempotent per run id, so a job killed between the two registers on its rerun, and a rerun of a published run
+registers nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from job.resolve import Run
+from registry.logs import get_logger
+from registry.registry import ModelVersion, Registry
+from registry.runs import write_manifest
+from registry.store import ObjectInfo
+
+log = get_logger(__name__)
+
+
+def environment() -> dict[str, Any]:
+    """What the run ran on, recorded for lineage."""
+    import os
+
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "image": os.environ.get("MEDFT_IMAGE")}
+    for name in ("medft", "torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes"):
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            env[name] = None
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return env
+
+
+def publish(run: Run, outputs: dict[str, Path], record: dict[str, Any]) -> str:
+    """Upload ``outputs`` (prefix -> local dir) plus config and metrics, then write the manifest.
+
+    Returns the run URI. Raises the store's errors; on failure nothing is published (no manifest).
+    """
+    infos = []
+    for prefix, local in outputs.items():
+        infos += run.run_store.put_dir(prefix, local)
+        log.info("publish.uploaded", artifact=prefix, files=len(infos))
+    # config.yaml was stored create-only when the run started (resolve.record_config); list it as it is.
+    raw, _ = run.run_store.get_bytes("config.yaml")
+    infos.append(ObjectInfo(key="config.yaml", size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), etag=None))
+    infos.append(run.run_store.put_bytes("metrics.json", json.dumps(record["metrics"], indent=2).encode()))
+    write_manifest(run.store, run.run_id, infos, record)
+    log.info("publish.manifest", uri=run.uri, files=len(infos))
+    return run.uri
+
+
+def register(run: Run) -> ModelVersion:
+    """Register the published run under ``output.model_name`` once, with ``output.aliases``."""
+    registry = Registry.open(run.cfg.registry_uri)
+    name = run.cfg.output.model_name
+    existing = registry.find_by_run(name, run.run_id)
+    if existing is not None:
+        log.info("register.exists", name=name, version=existing.version)
+        return existing
+    mv = registry.register(name, run.uri, aliases=run.cfg.output.aliases)
+    log.info("register.done", name=name, version=mv.version, aliases=list(run.cfg.output.aliases))
+    return mv

@@ -1,0 +1,193 @@
+"""The train stage: LoRA fine-tuning through TRL's SFTTrainer, resumable and preemption-safe.
+
+Checkpoints go to the store every ``train.checkpoint_every`` steps and at the last step. On SIGTERM the current
+step finishes, a checkpoint is saved and uploaded, and :class:`Preempted` (exit 143) is raised. A restarted job
+with the same run id resumes from the latest complete checkpoint with the same number of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from job.backends import TrainingBackend, TrainPlan
+from job.checkpoints import Checkpointer
+from job.config import JobConfig
+from job.data import PreparedData
+from registry.errors import Preempted
+from registry.logs import get_logger
+
+log = get_logger(__name__)
+
+KEEP_LOCAL = 2  # trainer checkpoints kept on local disk; the store keeps its own
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float | None
+    trained_tokens: int  # non-padding tokens fed to the model in this process
+    tokens_per_s: float
+    seconds_per_step: float
+    peak_gpu_mem_gib: float | None
+    peak_host_mem_gib: float
+    wall_s: float
+    resumed_from_step: int | None
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class Preemption:
+    """Turns SIGTERM into a flag that the training loop and the pipeline check between units of work."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._depth = 0  # re-entrant: the pipeline holds it for the whole job, fit() for training
+
+    def __enter__(self) -> Preemption:
+        if self._depth == 0:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        if not self.requested:
+            log.warning("sigterm.received", action="finishing the current step, then checkpointing")
+        self.requested = True
+
+    def check(self, where: str) -> None:
+        if self.requested:
+            raise Preempted(f"stopped by SIGTERM {where}; rerun with the same output.run_id to resume")
+
+
+def to_trainer_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """Pre-tokenized rows with ``labels`` (-100 on the prompt) that TRL uses as they are."""
+    return [{"input_ids": r["input_ids"],
+             "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]}
+            for r in rows]
+
+
+class _TokenCountingCollator:
+    """Wraps TRL's collator to count the real (non-padding) tokens of each training batch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.tokens += sum(len(e["input_ids"]) for e in examples)
+        return self.inner(examples)
+
+
+def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class _Checkpointing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if preemption.requested or state.global_step >= state.max_steps:
+                control.should_save = True  # the last step is saved so a later crash never retrains
+            if preemption.requested:
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            if checkpointer is not None:
+                local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                checkpointer.upload(local, state.global_step)
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                log.info("train.progress", step=state.global_step, max_steps=state.max_steps,
+                         loss=round(float(logs["loss"]), 4), lr=logs.get("learning_rate"))
+
+    return [_Checkpointing()]
+
+
+def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, tokenizer: Any,
+        data: PreparedData, *, work_dir: Path, checkpointer: Checkpointer | None = None,
+        preemption: Preemption | None = None) -> TrainResult:
+    """Train ``model`` (a PeftModel) in place on ``data.train``.
+
+    Resumes from ``checkpointer``'s latest complete checkpoint when there is one. Raises Preempted (exit 143)
+    after saving a checkpoint when SIGTERM arrives, ConfigError/DataError when a checkpoint cannot be resumed.
+    """
+    import datasets
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    preemption = preemption or Preemption()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir, resumed_from = None, None
+    if checkpointer is not None and (ref := checkpointer.latest()) is not None:
+        resume_dir = checkpointer.restore(ref, work_dir)
+        resumed_from = ref.step
+    args = SFTConfig(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        max_steps=cfg.train.max_steps,
+        num_train_epochs=cfg.train.epochs,
+        learning_rate=cfg.train.learning_rate,
+        warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay,
+        lr_scheduler_type=cfg.train.scheduler,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.train.checkpoint_every,
+        save_total_limit=KEEP_LOCAL,
+        report_to="none",
+        disable_tqdm=True,
+        max_length=cfg.model.max_seq_length,
+        packing=plan.packing,
+        padding_free=plan.packing,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        **backend.sft_args(cfg, plan),
+    )
+    collator = _TokenCountingCollator(DataCollatorForLanguageModeling(
+        pad_token_id=tokenizer.pad_token_id, padding_free=plan.packing))
+    trainer = backend.trainer_class()(
+        model=model, args=args, processing_class=tokenizer, data_collator=collator,
+        train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),
+        callbacks=_callbacks(preemption, checkpointer))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
+    start = time.perf_counter()
+    with preemption:
+        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    wall = time.perf_counter() - start
+    steps_here = max(trainer.state.global_step - (resumed_from or 0), 1)
+    result = TrainResult(
+        steps=trainer.state.global_step,
+        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        trained_tokens=collator.tokens,
+        tokens_per_s=collator.tokens / wall if wall > 0 else 0.0,
+        seconds_per_step=wall / steps_here,
+        peak_gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        peak_host_mem_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        wall_s=wall,
+        resumed_from_step=resumed_from,
+        loss_history=[{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
+    )
+    log.info("train.done", steps=result.steps, loss=result.train_loss, tokens_per_s=round(result.tokens_per_s, 1))
+    preemption.check(f"at step {result.steps} (checkpoint saved)")
+    return result
+
