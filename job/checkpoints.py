@@ -122,6 +122,9 @@ class Checkpointer:
     def upload(self, local_dir: Path, step: int) -> CheckpointRef:
         """Upload one trainer checkpoint, then its COMPLETE marker; prune older complete ones."""
         key = f"checkpoints/checkpoint-{step}"
+        # The trainer pickles its arguments here but never reads them back on resume; the run's config is
+        # already stored as YAML, so this pickle would only be something to screen and refuse.
+        (local_dir / "training_args.bin").unlink(missing_ok=True)
         infos = self.store.put_dir(key, local_dir)
         files = {info.key.removeprefix(key + "/"): info.sha256 for info in infos}
         doc = {"step": step, "files": files, "versions": self.versions}

@@ -40,11 +40,15 @@ class _Section(BaseModel):
 
 
 def _no_path_tricks(value: str | None, what: str) -> str | None:
-    if value is None:
+    """Refuse '..' segments inside remote URIs (hf://, s3://, pkg://), where they can only be a trick.
+
+    A local relative path such as ``../data/rows.jsonl`` is ordinary and allowed.
+    """
+    if value is None or "://" not in value or value.startswith("file://"):
         return value
-    parts = re.split(r"[\\/]", value.split("://", 1)[-1])
-    if ".." in parts:
-        raise ValueError(f"{what} must not contain '..' path segments: {value!r}")
+    parts = re.split(r"[\\/]", value.split("://", 1)[1])
+    if ".." in parts or "." in parts:
+        raise ValueError(f"{what} must not contain '.' or '..' path segments in a URI: {value!r}")
     return value
 
 
@@ -258,7 +262,7 @@ def _first_error(e: ValidationError, origin: str) -> ConfigError:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key; see the configuration reference in README.md"
-    elif "input" in err and err["type"] not in ("missing",):
+    elif "input" in err and err["type"] not in ("missing", "value_error"):
         msg = f"{msg} (got {err['input']!r})"
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return ConfigError(f"{origin}: {key}: {msg}{more}")

@@ -46,8 +46,10 @@ def publish(run: Run, outputs: dict[str, Path], record: dict[str, Any]) -> str:
     """
     infos = []
     for prefix, local in outputs.items():
-        infos += run.run_store.put_dir(prefix, local)
-        log.info("publish.uploaded", artifact=prefix, files=len(infos))
+        uploaded = run.run_store.put_dir(prefix, local)
+        infos += uploaded
+        log.info("publish.uploaded", artifact=prefix, files=len(uploaded),
+                 bytes=sum(info.size for info in uploaded))
     # config.yaml was stored create-only when the run started (resolve.record_config); list it as it is.
     raw, _ = run.run_store.get_bytes("config.yaml")
     infos.append(ObjectInfo(key="config.yaml", size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), etag=None))

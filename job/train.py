@@ -167,6 +167,9 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         model=model, args=args, processing_class=tokenizer, data_collator=collator,
         train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),
         callbacks=_callbacks(preemption, checkpointer))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; train.progress logs instead
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)

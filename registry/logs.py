@@ -65,6 +65,11 @@ def configure(*, json_logs: bool | None = None, level: str | None = None) -> Non
     if json_logs is None:
         json_logs = fmt == "json" if fmt in ("json", "console") else not sys.stderr.isatty()
     level_name = (level or os.environ.get("MEDFT_LOG_LEVEL") or "INFO").upper()
+    if json_logs:
+        # Progress bars are for people at a terminal; in a container they only garble the JSON lines.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     renderer: Any = (structlog.processors.JSONRenderer() if json_logs
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(

@@ -22,6 +22,29 @@ def _precision() -> tuple[str, str]:
     return "fp16", "GPU lacks bfloat16; mixed precision in float16"
 
 
+def portable_sft_trainer() -> type:
+    """TRL's SFTTrainer, with the plain transformers loss where TRL's fused LM head cannot run.
+
+    TRL computes the loss through a Triton kernel, which needs CUDA; CPU builds of torch ship no Triton at
+    all. Without them the loss is the model's own cross-entropy on the same labels, so the CPU path trains
+    the same objective (minus TRL's entropy/accuracy metrics).
+    """
+    import importlib.util
+
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        return SFTTrainer
+
+    class PortableSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PortableSFTTrainer
+
+
 class HFBackend:
     name = "hf"
 
@@ -81,9 +104,7 @@ class HFBackend:
         return model, tokenizer
 
     def trainer_class(self) -> type:
-        from trl import SFTTrainer
-
-        return SFTTrainer
+        return portable_sft_trainer()
 
     def sft_args(self, cfg: JobConfig, plan: TrainPlan) -> dict[str, Any]:
         return {

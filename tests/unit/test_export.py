@@ -1,0 +1,89 @@
+"""The streaming merge: exact against peft's own merge, sharded, bounded, and loud on float16 overflow."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from job.config import load_config
+from job.export import merge, write_sharded
+from job.model import validate_safetensors
+from registry.errors import ConfigError, DataError
+from tests.model_factory import tiny_config
+
+
+def _base_and_adapter(tmp_path, arch="llama", shard_size=None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir, max_shard_size=shard_size or "2GB")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; give it values so the merge matters
+            torch.nn.init.normal_(p, std=0.05)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir, peft_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merge_equals_peft_merge_and_unload(tmp_path, arch):
+    base_dir, adapter_dir, peft_model = _base_and_adapter(tmp_path, arch, shard_size="200KB")
+    assert (base_dir / "model.safetensors.index.json").exists()  # the base itself is sharded
+    cfg = load_config(None, ["export.dtype=float32", "export.shard_size=300000"], env={})
+    stats = merge(base_dir, adapter_dir, tmp_path / "merged", cfg)
+    assert stats["merged_weights"] == 2 * 2 and stats["shards"] > 1
+    expected = peft_model.merge_and_unload().state_dict()
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    got = {}
+    for shard in set(index["weight_map"].values()):
+        got.update(load_file(tmp_path / "merged" / shard))
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
+    assert set(index["weight_map"]) == set(got)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_merge_writes_float16_by_default(tmp_path):
+    base_dir, adapter_dir, _ = _base_and_adapter(tmp_path)
+    merge(base_dir, adapter_dir, tmp_path / "merged", load_config(None, env={}))
+    tensors = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+
+
+def test_float16_overflow_suggests_bfloat16(tmp_path):
+    base_dir, adapter_dir, _ = _base_and_adapter(tmp_path)
+    state = load_file(base_dir / "model.safetensors")
+    state["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e6
+    save_file(state, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="export.dtype=bfloat16"):
+        merge(base_dir, adapter_dir, tmp_path / "merged", load_config(None, env={}))
+
+
+def test_write_sharded_respects_shard_size(tmp_path):
+    tensors = [(f"t{i}", torch.zeros(1000)) for i in range(10)]  # 4000 bytes each
+    names = write_sharded(iter(tensors), tmp_path, shard_size=9000)
+    assert len(names) == 5
+    for name in names:
+        assert len(load_file(tmp_path / name)) == 2
+        validate_safetensors(tmp_path / name)
+
+
+def test_safetensors_header_that_lies_about_sizes_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, str(path))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["w"]["shape"] = [4000, 4000]
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    with pytest.raises(DataError, match="lies about sizes"):
+        validate_safetensors(path)
+    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(DataError, match="corrupt"):
+        validate_safetensors(path)
