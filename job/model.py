@@ -176,7 +176,7 @@ def _pull_s3(uri: str) -> Path:
 def _convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors directory in the cache."""
     st = gguf.stat()
-    key = hashlib.sha256(f"v2:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v3:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     dest = cache_root() / "gguf" / key
     if (dest / ".medft-complete").exists():
         return dest
@@ -204,6 +204,14 @@ def _convert_gguf(gguf: Path) -> Path:
         del model.config.quantization_config
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
+    # transformers' GGUF tokenizer import can label the wrong special tokens (SmolLM2 comes out with
+    # eos=<|im_start|>); the model's own generation config says which ids end and begin a turn.
+    for role in ("eos", "bos"):
+        token_id = getattr(model.generation_config, f"{role}_token_id", None)
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
     tokenizer.save_pretrained(tmp)
     (tmp / ".medft-complete").write_text(str(gguf))
     try:
