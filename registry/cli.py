@@ -1,0 +1,191 @@
+"""``medft registry ...``: look up, register, alias and download model versions.
+
+``--store`` defaults to ``$MEDFT_STORE``, else ``./medft-store``; the registry lives at ``<store>/registry``
+unless ``--registry`` (or ``$MEDFT_REGISTRY``) names another URI. Output is a table, or JSON with
+``--json``. Failures raise :mod:`registry.errors` exceptions; ``job.cli.main`` prints their one line and
+exits with their code (an unknown ref exits 4 and names it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from registry.registry import ModelVersion, Registry
+from registry.store import Store, open_store
+
+DEFAULT_STORE = "./medft-store"
+
+
+def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--registry", "registry_uri", envvar="MEDFT_REGISTRY", metavar="URI",
+                      help="Registry URI [env MEDFT_REGISTRY; default <store>/registry].")(fn)
+    fn = click.option("--store", "store_uri", envvar="MEDFT_STORE", default=DEFAULT_STORE, show_default=True,
+                      metavar="URI", help="Store URI: s3://bucket/prefix, file:///path or a path [env MEDFT_STORE].")(fn)
+    return fn
+
+
+def _open(store_uri: str, registry_uri: str | None) -> tuple[Store, Registry]:
+    store = open_store(store_uri or DEFAULT_STORE)
+    reg = Registry.open(registry_uri) if registry_uri else Registry(store.child("registry"))
+    return store, reg
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _metric(mv: ModelVersion, *names: str) -> str:
+    for n in names:
+        v = mv.metrics.get(n)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{v:.4g}"
+    return "-"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _base(mv: ModelVersion) -> str:
+    b = mv.base_model
+    return str(b.get("uri") or b.get("name") or b.get("source") or "-")
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Find, register, alias and download model versions (refs: NAME, NAME:VERSION, NAME@ALIAS)."""
+
+
+@registry_group.command("list")
+@_store_options
+@click.option("--name", default=None, help="Only this model's versions.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json: bool) -> None:
+    """List registered model versions."""
+    _, reg = _open(store_uri, registry_uri)
+    versions = reg.list(name)
+    if as_json:
+        _echo_json([mv.to_dict() for mv in versions])
+        return
+    if not versions:
+        click.echo(f"no model versions in {reg.uri}" + (f" named {name}" if name else ""))
+        return
+    rows = [[mv.name, str(mv.version), ",".join(mv.aliases) or "-", mv.created_at, mv.run_id, _base(mv),
+             _metric(mv, "eval_loss_after", "eval_loss", "train_loss"), ",".join(sorted(mv.artifacts))]
+            for mv in versions]
+    click.echo(_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
+                             "ARTIFACTS"]))
+
+
+def _show_text(mv: ModelVersion) -> str:
+    lines = [f"{mv.name}:{mv.version}" + (f"  ({', '.join('@' + a for a in mv.aliases)})" if mv.aliases else ""),
+             f"  created      {mv.created_at}", f"  run          {mv.run_id}", f"  run uri      {mv.run_uri}"]
+    if mv.description:
+        lines.append(f"  description  {mv.description}")
+    for art, spec in sorted(mv.artifacts.items()):
+        lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
+    for title, d in (("base model", mv.base_model), ("dataset", mv.dataset), ("metrics", mv.metrics),
+                     ("environment", mv.environment), ("tags", mv.tags)):
+        if d:
+            lines.append(f"  {title}:")
+            lines += [f"    {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}"
+                      for k, v in d.items()]
+    return "\n".join(lines)
+
+
+@registry_group.command("show")
+@click.argument("ref")
+@_store_options
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+    """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS."""
+    _, reg = _open(store_uri, registry_uri)
+    mv = reg.get(ref)
+    click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json else _show_text(mv))
+
+
+ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(["merged", "adapter"]), default="merged",
+                               show_default=True, help="Which artifact.")
+
+
+@registry_group.command("resolve")
+@click.argument("ref")
+@ARTIFACT_OPTION
+@_store_options
+def resolve_cmd(ref: str, artifact: str, store_uri: str, registry_uri: str | None) -> None:
+    """Print the URI of a model version's artifact."""
+    _, reg = _open(store_uri, registry_uri)
+    click.echo(reg.resolve(ref, artifact))
+
+
+@registry_group.command("register")
+@click.argument("name")
+@click.argument("run_uri")
+@click.option("--alias", "aliases", multiple=True, metavar="ALIAS", help="Point this alias at the new version "
+              "(repeatable).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
+@click.option("--description", default=None, help="Free text stored with the version.")
+@_store_options
+@click.option("--json", "as_json", is_flag=True, help="Print the new record as JSON.")
+def register_cmd(name: str, run_uri: str, aliases: tuple[str, ...], tags: tuple[str, ...],
+                 description: str | None, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+    """Register a published run as the next version of NAME.
+
+    RUN_URI is the run's folder (s3://bucket/prefix/runs/ID or a path), or a bare run id inside --store.
+    """
+    from registry.errors import ConfigError
+
+    tag_map = {}
+    for t in tags:
+        if "=" not in t:
+            raise ConfigError(f"--tag {t!r} must be KEY=VALUE")
+        k, v = t.split("=", 1)
+        tag_map[k] = v
+    store, reg = _open(store_uri, registry_uri)
+    mv = reg.register(name, run_uri, aliases=aliases, tags=tag_map, description=description, store=store)
+    if as_json:
+        _echo_json(mv.to_dict())
+    else:
+        click.echo(f"registered {mv.name}:{mv.version}" + (f" ({', '.join('@' + a for a in mv.aliases)})"
+                                                           if mv.aliases else "") + f" from {mv.run_uri}")
+
+
+@registry_group.command("alias")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
+@click.argument("alias")
+@click.option("--delete", is_flag=True, help="Remove the alias (it must point at VERSION).")
+@_store_options
+def alias_cmd(name: str, version: int, alias: str, delete: bool, store_uri: str, registry_uri: str | None) -> None:
+    """Point NAME@ALIAS at VERSION, or remove it with --delete."""
+    from registry.errors import ConfigError
+
+    _, reg = _open(store_uri, registry_uri)
+    if delete:
+        current = reg.get(f"{name}@{alias}")
+        if current.version != version:
+            raise ConfigError(f"{name}@{alias} points at version {current.version}, not {version}; nothing deleted")
+        reg.delete_alias(name, alias)
+        click.echo(f"deleted {name}@{alias} (was version {version})")
+    else:
+        reg.set_alias(name, version, alias)
+        click.echo(f"{name}@{alias} -> {name}:{version}")
+
+
+@registry_group.command("download")
+@click.argument("ref")
+@click.argument("dest", type=click.Path(file_okay=False))
+@ARTIFACT_OPTION
+@_store_options
+def download_cmd(ref: str, dest: str, artifact: str, store_uri: str, registry_uri: str | None) -> None:
+    """Download a model version's artifact into DEST, every file verified by sha256."""
+    _, reg = _open(store_uri, registry_uri)
+    path = reg.download(ref, dest, artifact)
+    click.echo(str(path))

@@ -1,0 +1,382 @@
+"""A model registry that needs no server: JSON records in a store, written create-only.
+
+Layout under the registry URI (by default ``<store>/registry``)::
+
+    models/<name>/versions/<n>.json    one immutable record per version, created with put_if_absent
+    models/<name>/aliases.json         {"aliases": {alias: version}}, moved with compare-and-swap
+
+Concurrent registrations of one name each try ``max + 1`` create-only and, on losing, the next number, so
+they get distinct versions 1, 2, 3... with no gaps or duplicates. ``latest`` is implicit: the highest
+version. References: ``NAME`` (latest), ``NAME:VERSION``, ``NAME@ALIAS``.
+
+Records are modelled on MLflow's ``ModelVersion`` (name, version, creation time, source run, description,
+tags, aliases), plus what a fine-tune needs for lineage: the artifacts with every file's sha256, the base
+model, the dataset, the resolved config, metrics and the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
+from registry.runs import MANIFEST, read_manifest, run_store, verify_run
+from registry.store import BucketNotFound, PreconditionFailed, Store, open_store
+
+FORMAT = 1
+ARTIFACTS = ("merged", "adapter")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_NAME_RE = re.compile(rf"^{_NAME}$")
+_REF_RE = re.compile(rf"^(?P<name>{_NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{_NAME}))?$")
+_VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json$")
+_REQUIRED = ("name", "version", "created_at", "run_id", "run_uri", "artifacts")
+_CAS_ATTEMPTS = 200
+_REGISTER_ATTEMPTS = 10_000
+
+
+def _now() -> str:
+    from registry.runs import now_iso
+
+    return now_iso()
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
+                          f"with a letter or digit")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    check_name(alias, "alias")
+    if alias == "latest" or alias.isdigit() or re.fullmatch(r"v[0-9]+", alias):
+        raise ConfigError(f"alias {alias!r} is reserved ('latest' is always the highest version; aliases "
+                          f"must not look like version numbers)")
+    return alias
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    """``NAME`` | ``NAME:VERSION`` | ``NAME@ALIAS`` -> (name, version, alias); NotFoundError if malformed."""
+    if not isinstance(ref, str) or "/" in ref or "\\" in ref or ".." in ref:
+        raise NotFoundError(f"no model version matches ref {ref!r}: refs are NAME, NAME:VERSION or NAME@ALIAS "
+                            f"(no '/', '\\' or '..')")
+    m = _REF_RE.match(ref.strip())
+    if not m or (m["version"] is not None and int(m["version"]) < 1):
+        raise NotFoundError(f"no model version matches ref {ref!r}: refs are NAME, NAME:VERSION or NAME@ALIAS")
+    return m["name"], int(m["version"]) if m["version"] else None, m["alias"]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    created_at: str
+    run_id: str
+    run_uri: str
+    artifacts: dict[str, dict[str, Any]]
+    """``{"adapter"|"merged": {"uri": ..., "files": {relpath: sha256}}}``."""
+    base_model: dict[str, Any] = field(default_factory=dict)
+    """uri, revision, sha256 of its weight files."""
+    dataset: dict[str, Any] = field(default_factory=dict)
+    """source, subset, split, row count, content hash."""
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    """Live view from aliases.json; not stored in the version record."""
+    description: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self, *, with_aliases: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        d["aliases"] = list(self.aliases)
+        if not with_aliases:
+            del d["aliases"]
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str = "record", aliases: Iterable[str] | None = None) -> ModelVersion:
+        if not isinstance(d, dict):
+            raise DataError(f"{source} is not a JSON object; the registry record is corrupt")
+        for name in _REQUIRED:
+            if name not in d:
+                raise DataError(f"{source} lacks the required field {name!r}; the registry record is corrupt")
+        if not isinstance(d["version"], int) or isinstance(d["version"], bool) or d["version"] < 1:
+            raise DataError(f"{source}: field 'version' must be a positive integer, got {d['version']!r}")
+        if not isinstance(d["artifacts"], dict):
+            raise DataError(f"{source}: field 'artifacts' must be an object")
+        for art, spec in d["artifacts"].items():
+            if not isinstance(spec, dict) or "uri" not in spec or not isinstance(spec.get("files"), dict):
+                raise DataError(f"{source}: artifact {art!r} needs a 'uri' and a 'files' object")
+        for name in ("base_model", "dataset", "config", "metrics", "environment", "tags"):
+            if d.get(name) is not None and not isinstance(d[name], dict):
+                raise DataError(f"{source}: field {name!r} must be an object")
+        return cls(
+            name=str(d["name"]), version=d["version"], created_at=str(d["created_at"]), run_id=str(d["run_id"]),
+            run_uri=str(d["run_uri"]), artifacts=d["artifacts"], base_model=d.get("base_model") or {},
+            dataset=d.get("dataset") or {}, config=d.get("config") or {}, metrics=d.get("metrics") or {},
+            environment=d.get("environment") or {}, tags=d.get("tags") or {},
+            aliases=tuple(sorted(aliases if aliases is not None else (d.get("aliases") or ()))),
+            description=d.get("description"),
+        )
+
+
+def _jitter(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(attempt, 10))))
+
+
+class Registry:
+    """Model versions and aliases in a store; see the module docstring for the layout."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, uri: str) -> Registry:
+        return cls(open_store(uri))
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def __repr__(self) -> str:
+        return f"Registry({self.uri!r})"
+
+    # keys ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _version_key(name: str, version: int) -> str:
+        return f"models/{name}/versions/{version}.json"
+
+    @staticmethod
+    def _aliases_key(name: str) -> str:
+        return f"models/{name}/aliases.json"
+
+    def _versions(self, name: str) -> list[int]:
+        out = []
+        for key in self.store.list(f"models/{name}/versions"):
+            m = _VERSION_FILE.match(key.rsplit("/", 1)[-1])
+            if m:
+                out.append(int(m[1]))
+        return sorted(out)
+
+    def names(self) -> list[str]:
+        names = set()
+        for key in self.store.list("models"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[2] == "versions" and _VERSION_FILE.match(parts[3]):
+                names.add(parts[1])
+        return sorted(names)
+
+    def _aliases(self, name: str) -> tuple[dict[str, int], str | None]:
+        key = self._aliases_key(name)
+        try:
+            data, etag = self.store.get_bytes(key)
+        except BucketNotFound:
+            raise
+        except NotFoundError:
+            return {}, None
+        try:
+            doc = json.loads(data)
+            aliases = doc["aliases"]
+            if not isinstance(aliases, dict) or not all(isinstance(v, int) for v in aliases.values()):
+                raise ValueError("'aliases' must map alias -> integer version")
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.store.url(key)} is corrupt ({e}); fix or delete it") from None
+        return dict(aliases), etag
+
+    def _read(self, name: str, version: int, aliases: dict[str, int] | None = None) -> ModelVersion:
+        key = self._version_key(name, version)
+        try:
+            data, _ = self.store.get_bytes(key)
+        except BucketNotFound:
+            raise
+        except NotFoundError:
+            raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}") from None
+        where = self.store.url(key)
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{where} is not valid JSON ({e}); the registry record is corrupt") from None
+        if aliases is None:
+            aliases, _ = self._aliases(name)
+        mv = ModelVersion.from_dict(doc, source=where, aliases=[a for a, v in aliases.items() if v == version])
+        if mv.name != name or mv.version != version:
+            raise DataError(f"{where} says it is {mv.name}:{mv.version}; the registry record is misplaced")
+        return mv
+
+    # reads -----------------------------------------------------------------------------------------
+    def get(self, ref: str) -> ModelVersion:
+        name, version, alias = parse_ref(ref)
+        aliases, _ = self._aliases(name)
+        if alias is not None and alias != "latest":
+            if alias not in aliases:
+                raise NotFoundError(f"model ref {ref!r} not found: {name} has no alias {alias!r} in registry "
+                                    f"{self.uri}" + (f" (aliases: {', '.join(sorted(aliases))})" if aliases else ""))
+            version = aliases[alias]
+        if version is None:
+            versions = self._versions(name)
+            if not versions:
+                raise NotFoundError(f"model ref {ref!r} not found: no model named {name!r} in registry {self.uri}")
+            version = versions[-1]
+        try:
+            return self._read(name, version, aliases)
+        except NotFoundError as e:
+            if isinstance(e, BucketNotFound):
+                raise
+            raise NotFoundError(f"model ref {ref!r} not found: no version {version} of {name!r} in registry "
+                                f"{self.uri}") from None
+
+    def list(self, name: str | None = None) -> list[ModelVersion]:
+        names = [check_name(name)] if name is not None else self.names()
+        jobs: list[tuple[str, int, dict[str, int]]] = []
+        for n in names:
+            aliases, _ = self._aliases(n)
+            jobs += [(n, v, aliases) for v in self._versions(n)]
+        if not jobs:
+            return []
+        with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as ex:
+            return list(ex.map(lambda j: self._read(*j), jobs))
+
+    def find_by_run(self, name: str, run_id: str) -> ModelVersion | None:
+        """The first version of ``name`` registered from ``run_id``, if any (lets a job register once)."""
+        for mv in self.list(check_name(name)):
+            if mv.run_id == run_id:
+                return mv
+        return None
+
+    def resolve(self, ref: str, artifact: str = "merged") -> str:
+        return self._artifact(self.get(ref), artifact)["uri"]
+
+    def _artifact(self, mv: ModelVersion, artifact: str) -> dict[str, Any]:
+        if artifact not in mv.artifacts:
+            has = ", ".join(sorted(mv.artifacts)) or "none"
+            raise NotFoundError(f"model version {mv.ref} has no {artifact!r} artifact (it has: {has})")
+        return mv.artifacts[artifact]
+
+    def download(self, ref: str, dest: str | Path, artifact: str = "merged") -> Path:
+        """Fetch an artifact's files into ``dest``, each verified against its recorded sha256."""
+        mv = self.get(ref)
+        art = self._artifact(mv, artifact)
+        src = open_store(art["uri"], transfer=getattr(self.store, "transfer", None))
+        dest = Path(dest)
+        src.get_dir("", dest, expected=art["files"])
+        return dest
+
+    # writes ----------------------------------------------------------------------------------------
+    def register(self, name: str, run_uri: str, *, aliases: Iterable[str] = (), tags: dict[str, str] | None = None,
+                 description: str | None = None, store: Store | None = None) -> ModelVersion:
+        """Create the next version of ``name`` from a published run (its folder URI, or an id in ``store``).
+
+        Refuses a run without MANIFEST.json (NotFoundError, exit 4) or with a bad one (DataError, exit 3).
+        Never overwrites a version.
+        """
+        check_name(name)
+        aliases = [check_alias(a) for a in aliases]
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        manifest = read_manifest(store, run_uri)
+        rs, _ = run_store(store, run_uri)
+        verify_run(store, run_uri, manifest=manifest)
+        artifacts = _artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
+        lineage = manifest.get("lineage") or {}
+        base = {
+            "name": name, "created_at": _now(), "run_id": manifest["run_id"], "run_uri": rs.uri,
+            "artifacts": artifacts,
+            "base_model": lineage.get("base_model") or manifest.get("base_model") or {},
+            "dataset": lineage.get("dataset") or manifest.get("dataset") or {},
+            "config": manifest.get("config") or {}, "metrics": manifest.get("metrics") or {},
+            "environment": manifest.get("environment") or {}, "tags": tags, "description": description,
+        }
+        versions = self._versions(name)
+        version = (versions[-1] if versions else 0) + 1
+        for attempt in range(_REGISTER_ATTEMPTS):
+            mv = ModelVersion.from_dict({**base, "version": version}, source="new record")
+            data = (json.dumps(mv.to_dict(with_aliases=False), indent=2) + "\n").encode()
+            try:
+                self.store.put_bytes(self._version_key(name, version), data, if_absent=True)
+                break
+            except PreconditionFailed:
+                version += 1  # someone took it; every number below is taken too, so no gaps
+                if attempt % 8 == 7:
+                    _jitter(attempt // 8)
+        else:
+            raise ConflictError(f"could not register {name}: {_REGISTER_ATTEMPTS} versions taken in a row; retry")
+        for alias in aliases:
+            self.set_alias(name, version, alias)
+        return self.get(f"{name}:{version}")
+
+    def _cas_aliases(self, name: str, change: Any) -> dict[str, int]:
+        key = self._aliases_key(name)
+        for attempt in range(_CAS_ATTEMPTS):
+            current, etag = self._aliases(name)
+            new = change(dict(current))
+            doc = {"format": FORMAT, "name": name, "aliases": dict(sorted(new.items())), "updated_at": _now()}
+            data = (json.dumps(doc, indent=2) + "\n").encode()
+            try:
+                if etag is None:
+                    self.store.put_bytes(key, data, if_absent=True)
+                else:
+                    self.store.put_bytes(key, data, if_match=etag)
+                return new
+            except PreconditionFailed:
+                _jitter(attempt)  # a concurrent update won: re-read and apply ours on top of it
+        raise ConflictError(f"could not update aliases of {name}: {_CAS_ATTEMPTS} concurrent updates won; retry")
+
+    def set_alias(self, name: str, version: int, alias: str) -> ModelVersion:
+        """Point ``name@alias`` at ``version`` (compare-and-swap, retried on a concurrent update)."""
+        check_name(name)
+        check_alias(alias)
+        version = int(version)
+        if version < 1 or not self.store.exists(self._version_key(name, version)):
+            raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}")
+
+        def change(aliases: dict[str, int]) -> dict[str, int]:
+            aliases[alias] = version
+            return aliases
+
+        self._cas_aliases(name, change)
+        return self.get(f"{name}:{version}")
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        check_name(name)
+        check_name(alias, "alias")
+
+        def change(aliases: dict[str, int]) -> dict[str, int]:
+            if alias not in aliases:
+                raise NotFoundError(f"model ref '{name}@{alias}' not found: no such alias in registry {self.uri}")
+            del aliases[alias]
+            return aliases
+
+        self._cas_aliases(name, change)
+
+
+def _artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    declared = manifest.get("artifacts")
+    if declared is None:
+        declared = {a: a for a in ARTIFACTS if any(rel.startswith(a + "/") for rel in files)}
+    if not isinstance(declared, dict):
+        raise DataError(f"{where}: field 'artifacts' must map artifact name -> folder")
+    out: dict[str, dict[str, Any]] = {}
+    for art, folder in declared.items():
+        if folder is None:
+            continue
+        folder = str(folder).strip("/")
+        inside = {rel[len(folder) + 1:]: meta["sha256"] for rel, meta in sorted(files.items())
+                  if rel.startswith(folder + "/")}
+        if not inside:
+            raise DataError(f"{where} declares artifact {art!r} in {folder}/ but lists no files there")
+        out[art] = {"uri": f"{run_uri}/{folder}", "files": inside}
+    if not out:
+        raise DataError(f"{where} lists no artifact (adapter/ or merged/); nothing to register")
+    return out

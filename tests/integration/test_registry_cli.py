@@ -1,0 +1,182 @@
+"""``medft registry ...`` through the real entry point (``job.cli.main``) and as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from job.cli import main
+from registry.registry import Registry
+from registry.store import open_store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``medft ARGV`` in-process; return (exit code, stdout, the ``medft: error`` line or '')."""
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("medft: error:")]
+    return code, out, errors[0] if errors else ""
+
+
+def medft(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``medft ARGS`` as a subprocess of this interpreter (the same code as .venv/bin/medft)."""
+    return subprocess.run([sys.executable, "-m", "job.cli", *args], cwd=cwd or ROOT, capture_output=True,
+                          check=False, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.fixture
+def local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = str(tmp_path / "store")
+    monkeypatch.setenv("MEDFT_STORE", uri)
+    monkeypatch.delenv("MEDFT_REGISTRY", raising=False)
+    return uri
+
+
+def test_register_list_show_resolve_alias_download(local_store: str, publish_sample_run: Callable[..., str],
+                                                   sample_run_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run_uri = publish_sample_run(local_store, "run-1")
+
+    code, out, err = run_main(["registry", "register", "med", "run-1", "--alias", "prod", "--tag", "k=v"], capsys)
+    assert (code, err) == (0, "")
+    assert out.strip() == f"registered med:1 (@prod) from {run_uri}"
+    code, out, _ = run_main(["registry", "register", "med", run_uri, "--json"], capsys)
+    assert code == 0 and json.loads(out)["version"] == 2
+
+    code, out, _ = run_main(["registry", "list"], capsys)
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "VERSION", "ALIASES"]
+    assert lines[1].split()[:3] == ["med", "1", "prod"] and lines[2].split()[:3] == ["med", "2", "-"]
+    code, out, _ = run_main(["registry", "list", "--name", "med", "--json"], capsys)
+    records = json.loads(out)
+    assert [r["version"] for r in records] == [1, 2] and records[0]["tags"] == {"k": "v"}
+    assert records[0]["artifacts"]["merged"]["uri"] == run_uri + "/merged"
+
+    code, out, _ = run_main(["registry", "show", "med@prod", "--json"], capsys)
+    assert json.loads(out)["version"] == 1 and json.loads(out)["aliases"] == ["prod"]
+    code, out, _ = run_main(["registry", "show", "med"], capsys)
+    assert out.startswith("med:2") and "eval_loss_after: 1.2" in out
+
+    code, out, _ = run_main(["registry", "resolve", "med:1", "--artifact", "adapter"], capsys)
+    assert out.strip() == run_uri + "/adapter"
+    code, out, _ = run_main(["registry", "resolve", "med"], capsys)
+    assert out.strip() == run_uri + "/merged"
+
+    assert run_main(["registry", "alias", "med", "2", "prod"], capsys)[:2] == (0, "med@prod -> med:2\n")
+    code, _, err = run_main(["registry", "alias", "med", "1", "prod", "--delete"], capsys)
+    assert code == 2 and "points at version 2" in err
+    assert run_main(["registry", "alias", "med", "2", "prod", "--delete"], capsys)[0] == 0
+    code, _, err = run_main(["registry", "resolve", "med@prod"], capsys)
+    assert code == 4 and "'med@prod'" in err
+
+    dest = tmp_path / "downloaded"
+    code, out, _ = run_main(["registry", "download", "med:1", str(dest)], capsys)
+    assert code == 0 and out.strip() == str(dest)
+    for p in (sample_run_dir / "merged").iterdir():
+        assert (dest / p.name).read_bytes() == p.read_bytes()
+
+
+def test_registry_option_overrides_store_registry(local_store: str, publish_sample_run: Callable[..., str],
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    publish_sample_run(local_store, "run-1")
+    other = str(tmp_path / "elsewhere")
+    assert run_main(["registry", "register", "m", "run-1", "--registry", other], capsys)[0] == 0
+    assert [mv.ref for mv in Registry.open(other).list()] == ["m:1"]
+    assert not Path(local_store, "registry").exists()
+    _, out, _ = run_main(["registry", "list", "--registry", other, "--json"], capsys)
+    assert [r["name"] for r in json.loads(out)] == ["m"]
+
+
+def test_default_store_is_medft_store_in_cwd(tmp_path: Path, publish_sample_run: Callable[..., str],
+                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MEDFT_STORE", raising=False)
+    monkeypatch.delenv("MEDFT_REGISTRY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    publish_sample_run(str(tmp_path / "medft-store"), "run-1")
+    assert run_main(["registry", "register", "m", "run-1"], capsys)[0] == 0
+    assert (tmp_path / "medft-store" / "registry" / "models" / "m" / "versions" / "1.json").is_file()
+
+
+@pytest.mark.parametrize("argv", [["show", "ghost"], ["show", "ghost:3"], ["resolve", "ghost@prod"],
+                                  ["download", "ghost", "/tmp/never"], ["show", "../etc"]])
+def test_unknown_ref_exits_4_and_names_it(local_store: str, argv: list[str],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["registry", *argv], capsys)
+    assert code == 4 and out == ""
+    assert repr(argv[1]) in err
+
+
+def test_unknown_ref_as_a_subprocess(tmp_path: Path) -> None:
+    p = medft("registry", "show", "nobody:1", "--store", str(tmp_path / "store"))
+    assert p.returncode == 4
+    assert "medft: error: model ref 'nobody:1' not found" in p.stderr
+
+
+def test_register_refuses_unpublished_run(local_store: str, sample_run_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    open_store(local_store).put_dir("runs/half", sample_run_dir)
+    code, _, err = run_main(["registry", "register", "m", "half"], capsys)
+    assert code == 4 and "runs/half is not published" in err and "MANIFEST.json" in err
+    assert Registry.open(local_store + "/registry").list() == []
+
+
+def test_corrupted_download_exits_3(local_store: str, publish_sample_run: Callable[..., str], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run_uri = publish_sample_run(local_store)
+    run_main(["registry", "register", "m", run_uri], capsys)
+    (Path(run_uri) / "merged" / "tokenizer.json").write_text("{}")
+    code, _, err = run_main(["registry", "download", "m", str(tmp_path / "dl")], capsys)
+    assert code == 3 and "checksum mismatch" in err and "tokenizer.json" in err
+
+
+def test_s3_end_to_end(s3_bucket: str, publish_sample_run: Callable[..., str], tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MEDFT_STORE", s3_bucket)
+    run_uri = publish_sample_run(s3_bucket, "run-s3")
+    code, out, err = run_main(["registry", "register", "med", run_uri, "--alias", "prod"], capsys)
+    assert code == 0, err
+    code, out, _ = run_main(["registry", "resolve", "med@prod"], capsys)
+    assert out.strip() == f"{s3_bucket}/runs/run-s3/merged"
+    assert run_main(["registry", "download", "med@prod", str(tmp_path / "dl"), "--artifact", "adapter"],
+                    capsys)[0] == 0
+    assert (tmp_path / "dl" / "adapter_config.json").is_file()
+
+
+def test_missing_bucket_exits_4(s3_server: str, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", s3_server)
+    code, _, err = run_main(["registry", "list", "--store", "s3://medft-missing-bucket/x"], capsys)
+    assert code == 4 and "bucket 'medft-missing-bucket' does not exist" in err
+
+
+def test_403_exits_5(s3_serial_server: Any, s3_serial_bucket: str) -> None:
+    s3_serial_server.faults.add(status=403, code="AccessDenied", times=None)
+    p = medft("registry", "list", "--store", s3_serial_bucket)
+    assert p.returncode == 5, p.stderr
+    assert "medft: error: access denied by S3" in p.stderr
+    assert len(s3_serial_server.faults.injected) == 1  # not retried
+
+
+def test_503s_are_retried_by_the_cli(s3_serial_server: Any, s3_serial_bucket: str,
+                                     publish_sample_run: Callable[..., str]) -> None:
+    run_uri = publish_sample_run(s3_serial_bucket)
+    s3_serial_server.faults.add(status=503, code="SlowDown", times=3)
+    p = medft("registry", "register", "m", run_uri, "--store", s3_serial_bucket)
+    assert p.returncode == 0, p.stderr
+    assert len(s3_serial_server.faults.injected) == 3
+    s3_serial_server.faults.add(status=503, code="SlowDown", times=None)
+    p = medft("registry", "list", "--store", s3_serial_bucket, env={"MEDFT_S3_MAX_ATTEMPTS": "2"})
+    assert p.returncode == 75 and "gave up after 2 attempts" in p.stderr
