@@ -10,8 +10,9 @@ import sys
 
 import click
 
+from job.inference import BASE_REF, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from registry import logs
-from registry.cli import registry_group
+from registry.cli import _store_options, registry_group
 from registry.errors import MedftError
 
 CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -41,6 +42,64 @@ def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) ->
     from job import pipeline
 
     pipeline.run(config_path, overrides, dry_run=dry_run)
+
+
+def _generation_options(fn):
+    """Options shared by ``generate`` and ``chat``: which artifact, how to sample, where the registry is."""
+    for option in reversed((
+        click.option("--artifact", type=click.Choice(["merged", "adapter"]), default="merged", show_default=True,
+                     help="Load the merged weights, or the base model with the adapter applied."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS,
+                     show_default=True, help="Most tokens to generate for one answer (reasoning included)."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=DEFAULT_TEMPERATURE,
+                     show_default=True, help="Sampling temperature; 0 means greedy decoding."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_TOP_P,
+                     show_default=True, help="Nucleus sampling threshold (unused when greedy)."),
+        click.option("--seed", type=int, default=None, help="Seed the sampler for a reproducible answer."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text."),
+    )):
+        fn = option(fn)
+    return _store_options(fn)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--question", "-q", required=True, help="The question to ask.")
+@click.option("--compare", "compare", metavar="REF2",
+              help=f"Also answer with REF2, or '{BASE_REF}' for REF's base model (one model loaded at a time).")
+@_generation_options
+def generate(ref: str, question: str, compare: str | None, artifact: str, max_new_tokens: int, temperature: float,
+             top_p: float, seed: int | None, as_json: bool, store_uri: str, registry_uri: str | None) -> None:
+    """Answer one question with a registered version and show its reasoning and answer.
+
+    \b
+    REF is NAME (latest), NAME:VERSION, NAME@ALIAS or a run folder (s3://bucket/prefix/runs/ID or a path).
+    --json prints {question, reasoning, answer, prompt_tokens, completion_tokens, seconds, ref,
+    finish_reason}; with --compare, a list of two.
+    """
+    from job import inference
+
+    sampling = inference.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    inference.generate_command(ref, question, sampling=sampling, artifact=artifact, compare=compare,
+                               store=store_uri, registry=registry_uri, as_json=as_json)
+
+
+@cli.command()
+@click.argument("ref")
+@_generation_options
+def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+         as_json: bool, store_uri: str, registry_uri: str | None) -> None:
+    """Ask a registered version one question after another; stop, exit or Ctrl-D ends it.
+
+    \b
+    Each line is a new question asked on its own (the model was trained single-turn). REF as for generate.
+    --json prints one JSON object per answer, one per line.
+    """
+    from job import inference
+
+    sampling = inference.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    inference.chat_command(ref, sampling=sampling, artifact=artifact, store=store_uri, registry=registry_uri,
+                           as_json=as_json)
 
 
 @cli.group()
