@@ -120,8 +120,8 @@ def data_validate(config_path: str | None, overrides: tuple[str, ...], as_json: 
     from job.config import load_config
 
     cfg = load_config(config_path, overrides)
-    data_stage.load_rows(cfg)  # bad data fails before any tokenizer is fetched
-    report = data_stage.validate(cfg, model.tokenizer_for_report(cfg) if tokenizer else None)
+    loaded = data_stage.load_rows(cfg)  # bad data fails before any tokenizer is fetched
+    report = data_stage.validate(cfg, model.tokenizer_for_report(cfg) if tokenizer else None, loaded=loaded)
     click.echo(report.to_json() if as_json else report.to_text())
 
 

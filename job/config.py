@@ -112,8 +112,9 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int | Literal["auto"] = 2
-    """Micro-batch size; ``auto`` sizes it to the GPU's memory (unsloth backend)."""
+    batch_size: int | Literal["auto"] = "auto"
+    """Micro-batch size; ``auto`` sizes it to the GPU's memory on unsloth (2, the recipe's, on hf). The
+    reference configs pin the recipe's 2."""
     grad_accum: int = Field(4, gt=0)
     max_steps: int = Field(60, ge=-1)
     """Optimizer steps; -1 trains for ``epochs`` instead."""
@@ -125,10 +126,17 @@ class TrainConfig(_Section):
     scheduler: str = "linear"
     seed: int = 3407
     packing: bool | Literal["auto"] = "auto"
-    """Padding-free packing of rows into micro-batches; ``auto`` packs on the unsloth backend."""
+    """Padding-free batches (rows concatenated, no padding); ``auto`` lets the backend choose (unsloth measured
+    padded batches faster, because it compiles its decoder for them)."""
     gradient_checkpointing: Literal["auto", "unsloth", "on", "off"] = "auto"
     checkpoint_every: int = Field(20, gt=0)
     logging_steps: int = Field(1, gt=0)
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("batch_size")
     @classmethod

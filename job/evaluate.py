@@ -46,24 +46,26 @@ def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_s
 
 @torch.no_grad()
 def answers(model: Any, tokenizer: Any, cfg: JobConfig) -> list[dict[str, str]]:
-    """Greedy answers to ``eval.questions``, generated in one left-padded batch."""
+    """Greedy answers to ``eval.questions``, generated in one left-padded batch.
+
+    Each prompt is encoded exactly as the head of a training example (BOS included where training had it).
+    """
     template = get_template(cfg.data.template)
-    prompts = [template.prompt(q, tokenizer) for q in cfg.eval.questions]
+    prompts = [template.encode_prompt(q, tokenizer) for q in cfg.eval.questions]
     if not prompts:
         return []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the last real token of every row
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    width = max(len(p) for p in prompts)
+    # Left padding: generation continues from the last real token of every row.
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = model.generate(**batch.to(device), max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [{"question": q, "output": "<think>\n" + t} for q, t in zip(cfg.eval.questions, texts)]
 
 

@@ -62,7 +62,7 @@ class Run:
             f"{','.join(c.lora.target_modules)}; batch {c.train.batch_size} x {c.train.grad_accum}, "
             f"{c.train.max_steps} steps, lr {c.train.learning_rate}, checkpoint every {c.train.checkpoint_every}",
             f"  evaluate eval loss on {c.data.eval_fraction:.0%} held out, {len(c.eval.questions)} questions",
-            f"  export   adapter" + (f" + merged {c.export.dtype} safetensors" if c.export.merge else ""),
+            "  export   adapter" + (f" + merged {c.export.dtype} safetensors" if c.export.merge else ""),
             f"  publish  {self.uri}",
             f"  register {c.output.model_name} in {c.registry_uri}"
             + (f" with aliases {', '.join(c.output.aliases)}" if c.output.aliases else ""),

@@ -347,7 +347,8 @@ def test_demo_model_generate_and_chat(s3_server: str, tmp_path: Path, monkeypatc
 
     chat = subprocess.run(medft_cmd("chat", "smollm2-medical-demo@demo", "--store", store, "--temperature", "0",
                                     "--max-new-tokens", "6", "--json"),
-                          check=False, cwd=ROOT, env=env, input=f"{question}\nstop\n", capture_output=True, text=True, timeout=300)
+                          check=False, cwd=ROOT, env=env, input=f"{question}\nstop\n", capture_output=True, text=True,
+                          timeout=300)
     assert chat.returncode == 0, chat.stderr[-3000:]
     [turn] = [json.loads(line) for line in chat.stdout.splitlines()]
     assert turn["question"] == question and turn["prompt_tokens"] == len(served)

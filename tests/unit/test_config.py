@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from job.config import ALL_PROJECTIONS, JobConfig, load_config
 from registry.errors import ConfigError
@@ -37,7 +38,7 @@ def test_sources_apply_in_order_file_then_set_then_env(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config(None, env={})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.max_steps = 3  # type: ignore[misc]
 
 

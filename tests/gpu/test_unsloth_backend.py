@@ -1,0 +1,163 @@
+"""The unsloth backend on a real GPU: what it plans, that packed rows stay apart, that it trains.
+
+Imports of torch, transformers, trl and unsloth stay inside the tests: on a machine without CUDA this module
+is collected and every test is skipped (tests/gpu/conftest.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from job import architectures
+from job.bench import Meter, TimedBackend, synthetic_rows
+
+GIB = 2**30
+
+
+def _config(*overrides: str):
+    from job.config import load_config
+
+    return load_config(overrides=["model.backend=unsloth", *overrides], env={})
+
+
+def _data(rows):
+    from job.data import DataReport, PreparedData
+
+    return PreparedData(train=rows, eval=[], eval_rows=[], report=DataReport(source="synthetic"))
+
+
+def _lora_and_base(model):
+    named = dict(model.named_parameters())
+    lora = {n: p.detach().float().clone() for n, p in named.items() if "lora_" in n}
+    base = {n: p.detach().float().clone() for n, p in named.items()
+            if "lora_" not in n and p.dtype.is_floating_point and ("embed" in n or "norm" in n)}
+    return lora, base
+
+
+def test_plan_reads_this_gpu_and_says_why():
+    import torch
+
+    from job.backends import select_backend
+    from job.backends.unsloth import gpu_facts
+
+    cfg = _config("model.base=hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "train.batch_size=auto")
+    backend = select_backend(cfg)
+    assert backend.name == "unsloth"
+    plan = backend.plan(cfg)
+    assert plan.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert plan.batch_size * plan.grad_accum == 8  # the recipe's 2 x 4 rows per optimizer step, kept
+    assert plan.load_in_4bit is True
+    # packing: auto -> padded batches, measured faster here than padding-free ones (docs/benchmarks.md)
+    assert plan.packing is False and plan.reasons["packing"].startswith("padded (auto)")
+    assert backend.sft_args(cfg, plan)["gradient_checkpointing"] is bool(plan.gradient_checkpointing)
+    assert {"gpu", "precision", "packing", "batch_size", "gradient_checkpointing",
+            "load_in_4bit"} <= set(plan.reasons)
+    assert torch.cuda.get_device_name(0) in plan.reasons["gpu"]
+    if gpu_facts().usable_bytes > 40 * GIB:  # a large GPU: the whole step in one micro-batch, no recompute
+        assert (plan.batch_size, plan.grad_accum, plan.gradient_checkpointing) == (8, 1, False)
+
+
+def test_a_per_process_memory_cap_is_what_the_plan_sizes_for():
+    import torch
+
+    from job.backends.unsloth import UnslothBackend, _budget, estimate_peak_bytes, gpu_facts
+
+    if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
+        pytest.skip("this torch cannot report the per-process memory fraction (MEDFT_GPU_MEMORY_GIB can)")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(8 * GIB / total)
+    try:
+        gpu = gpu_facts()
+        cfg = _config("model.base=hf://deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "train.batch_size=auto")
+        plan = UnslothBackend().plan(cfg)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert gpu.limit == "memory fraction" and gpu.usable_bytes <= 8 * GIB
+    # 8B at 2048 tokens on 8 GiB: checkpointing (offloaded) and the recipe's 8 rows per step, and it fits.
+    assert plan.gradient_checkpointing == "unsloth"
+    assert plan.batch_size * plan.grad_accum == 8
+    need = estimate_peak_bytes(architectures.LLAMA_8B, tokens=plan.batch_size * 2048, load_in_4bit=True,
+                               checkpointing="unsloth", lora_r=16, target_modules=architectures.PROJECTIONS)
+    assert need <= _budget(gpu), plan.reasons["batch_size"]
+
+
+def test_packed_rows_attend_only_within_themselves(tiny_weights: Path):
+    import torch
+
+    from job.backends.unsloth import UnslothBackend
+
+    cfg = _config(f"model.base={tiny_weights}", "model.max_seq_length=1024", "train.batch_size=auto")
+    backend = UnslothBackend()
+    model, _ = backend.load(tiny_weights, cfg, backend.plan(cfg))
+    rows = synthetic_rows(architectures.TINY_LLAMA, 2, seed=11)
+    # Short enough that even the two rows joined stay inside max_seq_length.
+    a, b = (torch.tensor(r["input_ids"][:n], device="cuda") for r, n in zip(rows, (300, 400), strict=True))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        alone = model(input_ids=b[None]).logits[0].float()
+        packed = model(input_ids=torch.cat([a, b])[None],
+                       position_ids=torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None].cuda()
+                       ).logits[0, len(a):].float()
+        leaked = model(input_ids=torch.cat([a, b])[None]).logits[0, len(a):].float()
+    scale = alone.abs().max()
+    assert (packed - alone).abs().max() / scale < 2e-2
+    # The check can fail: attending to a (one long row, no position reset) changes b's logits.
+    assert (leaked - alone).abs().max() / scale > 5e-2
+
+
+def test_unsloth_trains_a_tiny_model_padding_free(tiny_weights: Path, tmp_path: Path):
+    from job.backends import select_backend
+    from job.train import fit
+
+    cfg = _config(f"model.base={tiny_weights}", "model.max_seq_length=1024", "train.batch_size=auto",
+                  "train.packing=true", "train.max_steps=8", "train.warmup_steps=0",
+                  "train.learning_rate=0.005",
+                  "train.checkpoint_every=1000", "train.seed=7")
+    backend = select_backend(cfg)
+    plan = backend.plan(cfg)
+    model, tokenizer = backend.load(tiny_weights, cfg, plan)
+    lora_before, base_before = _lora_and_base(model)
+    assert lora_before and base_before
+    meter = Meter()
+    result = fit(cfg, TimedBackend(backend, meter), plan, model, tokenizer,
+                 _data(synthetic_rows(architectures.TINY_LLAMA, 16, seed=5)), work_dir=tmp_path / "trainer")
+
+    assert result.steps == 8
+    lora_after, base_after = _lora_and_base(model)
+    assert any(not lora_after[n].equal(lora_before[n]) for n in lora_before if "lora_B" in n)
+    assert all(base_after[n].equal(base_before[n]) for n in base_before)  # frozen weights stay frozen
+    # Padding-free: every micro-batch fed exactly its rows' tokens, none of padding.
+    assert meter.fed == meter.real and len(meter.real) == 8 * plan.grad_accum
+    losses = [h["loss"] for h in result.loss_history]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: pytest.TempPathFactory,
+                                                              tmp_path: Path):
+    import torch
+
+    from job.backends import select_backend
+    from job.backends.unsloth import estimate_peak_bytes
+    from job.train import fit
+
+    arch = architectures.QWEN_1_5B
+    weights = architectures.save_random_checkpoint(arch, tmp_path_factory.mktemp("qwen1.5b"), seed=0)
+    cfg = _config(f"model.base={weights}", "train.batch_size=auto", "train.max_steps=3",
+                  "train.checkpoint_every=1000")
+    backend = select_backend(cfg)
+    plan = backend.plan(cfg)
+    model, tokenizer = backend.load(weights, cfg, plan)
+    lora_before, _ = _lora_and_base(model)
+    meter = Meter()
+    result = fit(cfg, TimedBackend(backend, meter), plan, model, tokenizer,
+                 _data(synthetic_rows(arch, 32, seed=2)), work_dir=tmp_path / "trainer")
+
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.loss_history)
+    lora_after, _ = _lora_and_base(model)
+    assert sum(not lora_after[n].equal(lora_before[n]) for n in lora_before) >= len(lora_before) // 2
+    # The planner's estimate for the largest micro-batch trained bounds the real peak: plans built on it fit.
+    estimate = estimate_peak_bytes(arch, tokens=max(meter.fed), load_in_4bit=plan.load_in_4bit,
+                                   checkpointing=plan.gradient_checkpointing, lora_r=cfg.lora.r,
+                                   target_modules=cfg.lora.target_modules)
+    assert result.peak_gpu_mem_gib * GIB <= estimate, (result.peak_gpu_mem_gib, estimate / GIB)
