@@ -55,6 +55,17 @@ def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[s
     return redact(event)
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at each call: callers that swap it (test runners capturing
+    output, tools embedding the CLI) must not leave the logger holding a closed stream."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(*, json_logs: bool | None = None, level: str | None = None) -> None:
     """Set up structlog for the process; call once from the CLI entry point.
 
@@ -82,11 +93,11 @@ def configure(*, json_logs: bool | None = None, level: str | None = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the stdlib; keep their noise at warning level and on stderr.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=_CurrentStderr(), format="%(name)s: %(message)s")
 
 
 def get_logger(name: str | None = None) -> Any:

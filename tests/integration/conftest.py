@@ -45,7 +45,7 @@ def run_medft(*args: str, env: dict[str, str], timeout: float = 300) -> subproce
 def job_args(model_dir: Path, store: str, run_id: str, *extra: str) -> list[str]:
     """A fast tiny-model job: a few steps on the sample data, merged in float32 for an exact check."""
     return ["train", "--set", f"model.base={model_dir}", "--set", "model.backend=hf",
-            "--set", "model.max_seq_length=384", "--set", "data.source=data/sample.jsonl",
+            "--set", "model.max_seq_length=1200", "--set", "data.source=data/sample.jsonl",
             "--set", "data.subset=null", "--set", "data.split=train", "--set", "data.eval_fraction=0.1",
             "--set", "train.max_steps=6", "--set", "train.checkpoint_every=2", "--set", "train.grad_accum=1",
             "--set", "train.warmup_steps=0", "--set", "train.learning_rate=0.005",

@@ -63,23 +63,14 @@ def _events(stderr: str) -> list[dict]:
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """``medft ARGV`` in-process through the real entry point: (exit code, stdout, stderr).
 
-    ``main`` configures logging onto this test's captured stderr; the previous configuration is restored
-    after, so later tests do not log into a closed capture.
     """
-    import logging
-
-    import structlog
-
     from job.cli import main
 
-    saved, handlers, code = structlog.get_config(), logging.root.handlers[:], 0
+    code = 0
     try:
         main(argv)
     except SystemExit as e:
         code = int(e.code or 0)
-    finally:
-        structlog.configure(**saved)
-        logging.root.handlers[:] = handlers
     out, err = capsys.readouterr()
     return code, out, err
 
