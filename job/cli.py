@@ -12,7 +12,7 @@ import click
 
 from job.inference import BASE_REF, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from registry import logs
-from registry.cli import _store_options, registry_group
+from registry.cli import registry_group, store_options
 from registry.errors import MedftError
 
 CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -59,7 +59,7 @@ def _generation_options(fn):
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text."),
     )):
         fn = option(fn)
-    return _store_options(fn)
+    return store_options(fn)
 
 
 @cli.command()

@@ -124,7 +124,7 @@ def resolve(ref: str, *, store: str | None = None, registry: str | None = None) 
 
 
 def _resolve_run(ref: str) -> Version:
-    from registry.registry import _artifacts_from_manifest
+    from registry.registry import artifacts_from_manifest
     from registry.runs import MANIFEST, read_manifest, run_store
 
     # A local path may be relative or contain '..'; the store layer refuses '..', so hand it an absolute one.
@@ -139,7 +139,7 @@ def _resolve_run(ref: str) -> Version:
         # Say which ref was meant: the path the store layer names may be a resolved form of it.
         raise NotFoundError(f"model ref {ref!r} names no published run: {e.message}") from None
     lineage = manifest.get("lineage") or {}
-    return Version(label=label, artifacts=_artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST)),
+    return Version(label=label, artifacts=artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST)),
                    base_model=lineage.get("base_model") or manifest.get("base_model") or {},
                    config=manifest.get("config") or {})
 

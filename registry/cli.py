@@ -20,7 +20,7 @@ from registry.store import Store, open_store
 DEFAULT_STORE = "./medft-store"
 
 
-def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--registry", "registry_uri", envvar="MEDFT_REGISTRY", metavar="URI",
                       help="Registry URI [env MEDFT_REGISTRY; default <store>/registry].")(fn)
     fn = click.option("--store", "store_uri", envvar="MEDFT_STORE", default=DEFAULT_STORE, show_default=True,
@@ -64,7 +64,7 @@ def registry_group() -> None:
 
 
 @registry_group.command("list")
-@_store_options
+@store_options
 @click.option("--name", default=None, help="Only this model's versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json: bool) -> None:
@@ -102,7 +102,7 @@ def _show_text(mv: ModelVersion) -> str:
 
 @registry_group.command("show")
 @click.argument("ref")
-@_store_options
+@store_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
 def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
     """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS."""
@@ -118,7 +118,7 @@ ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(["merged", "adapt
 @registry_group.command("resolve")
 @click.argument("ref")
 @ARTIFACT_OPTION
-@_store_options
+@store_options
 def resolve_cmd(ref: str, artifact: str, store_uri: str, registry_uri: str | None) -> None:
     """Print the URI of a model version's artifact."""
     _, reg = _open(store_uri, registry_uri)
@@ -132,7 +132,7 @@ def resolve_cmd(ref: str, artifact: str, store_uri: str, registry_uri: str | Non
               "(repeatable).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
 @click.option("--description", default=None, help="Free text stored with the version.")
-@_store_options
+@store_options
 @click.option("--json", "as_json", is_flag=True, help="Print the new record as JSON.")
 def register_cmd(name: str, run_uri: str, aliases: tuple[str, ...], tags: tuple[str, ...],
                  description: str | None, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
@@ -162,7 +162,7 @@ def register_cmd(name: str, run_uri: str, aliases: tuple[str, ...], tags: tuple[
 @click.argument("version", type=click.IntRange(min=1))
 @click.argument("alias")
 @click.option("--delete", is_flag=True, help="Remove the alias (it must point at VERSION).")
-@_store_options
+@store_options
 def alias_cmd(name: str, version: int, alias: str, delete: bool, store_uri: str, registry_uri: str | None) -> None:
     """Point NAME@ALIAS at VERSION, or remove it with --delete."""
     from registry.errors import ConfigError
@@ -183,7 +183,7 @@ def alias_cmd(name: str, version: int, alias: str, delete: bool, store_uri: str,
 @click.argument("ref")
 @click.argument("dest", type=click.Path(file_okay=False))
 @ARTIFACT_OPTION
-@_store_options
+@store_options
 def download_cmd(ref: str, dest: str, artifact: str, store_uri: str, registry_uri: str | None) -> None:
     """Download a model version's artifact into DEST, every file verified by sha256."""
     _, reg = _open(store_uri, registry_uri)

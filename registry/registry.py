@@ -287,7 +287,7 @@ class Registry:
         manifest = read_manifest(store, run_uri)
         rs, _ = run_store(store, run_uri)
         verify_run(store, run_uri, manifest=manifest)
-        artifacts = _artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
+        artifacts = artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
         lineage = manifest.get("lineage") or {}
         base = {
             "name": name, "created_at": _now(), "run_id": manifest["run_id"], "run_uri": rs.uri,
@@ -360,7 +360,7 @@ class Registry:
         self._cas_aliases(name, change)
 
 
-def _artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) -> dict[str, dict[str, Any]]:
+def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) -> dict[str, dict[str, Any]]:
     files: dict[str, dict[str, Any]] = manifest["files"]
     declared = manifest.get("artifacts")
     if declared is None:

@@ -33,19 +33,3 @@ def save_tiny_model(dest: Path, tokenizer: Any, arch: str = "llama", seed: int =
     tokenizer.save_pretrained(dest)
     return dest
 
-
-def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 400) -> Any:
-    """A byte-level BPE tokenizer trained in well under a second, with eos/pad/bos special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = texts or ["The patient presents with fever, cough and chest pain for three days.",
-                       "<think>\nFirst consider infection, then imaging.\n</think>\nPneumonia is likely.",
-                       "### Question:\n### Response:\nBelow is an instruction that describes a task."]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")

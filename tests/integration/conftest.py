@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_factory import save_tiny_model, tiny_tokenizer
+from tests.data_factory import tiny_tokenizer
+from tests.model_factory import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    rows = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").read_text().splitlines() if line.strip()]
-    texts = [r["Question"] + r["Complex_CoT"] + r["Response"] for r in rows]
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer(texts, vocab_size=600))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer())
 
 
 @pytest.fixture
