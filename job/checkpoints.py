@@ -9,12 +9,15 @@ opens it, so a crafted file is refused before anything executes.
 
 from __future__ import annotations
 
+import _compat_pickle
+import io
 import json
-import pickletools
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
@@ -26,8 +29,19 @@ COMPLETE = "COMPLETE.json"
 KEEP = 2  # complete checkpoints kept in the store; older ones are deleted once a newer one is complete
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
-# Modules a trainer checkpoint's pickles may name: tensors, numpy RNG state, plain containers.
-_SAFE_PICKLE_MODULES = ("torch", "numpy", "collections", "_codecs", "builtins")
+# Exactly the globals a trainer checkpoint's pickles name: tensor rebuilders, storage classes and dtypes, numpy's
+# RNG state, plain containers. Never whole modules: torch and numpy also hold functions that run code
+# (numpy.testing's runstring, torch.hub.load).
+_SAFE_PICKLE_GLOBALS = frozenset({
+    "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset", "builtins.slice",
+    "builtins.complex", "builtins.bytearray", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch._tensor._rebuild_from_type_v2", "torch.device", "torch.Size", "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+})
+_SAFE_PICKLE_CLASSES = re.compile(r"^(torch\.[A-Za-z0-9]*Storage|numpy\.dtypes\.[A-Za-z0-9]+DType)$")
+_TORCH_LEGACY_PICKLES = 5  # torch's pre-zip format: magic, protocol, sys info, data, storage keys; raw bytes follow
 
 
 def library_versions() -> dict[str, str]:
@@ -44,42 +58,86 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _pickle_globals(data: bytes) -> list[str]:
-    """Every ``module.name`` a pickle would import, found without unpickling it."""
-    names, strings = [], []
-    for op, arg, _pos in pickletools.genops(data):
-        if op.name in ("GLOBAL", "INST"):
-            names.append(str(arg).replace(" ", "."))
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            names.append(f"{strings[-2]}.{strings[-1]}")
-        if isinstance(arg, str):
-            strings.append(arg)
-    return names
+def _safe_global(name: str) -> bool:
+    if name in _SAFE_PICKLE_GLOBALS or _SAFE_PICKLE_CLASSES.match(name):
+        return True
+    module, _, attr = name.rpartition(".")
+    if module == "torch" and attr.isidentifier():  # dtypes (torch.float32, ...); torch is loaded by then
+        import torch
+
+        return isinstance(vars(torch).get(attr), torch.dtype)  # vars(): no lazy import of a submodule
+    return False
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Placeholder:
+    """Stands in for every allowed global while screening: nothing a pickle names is ever called."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _ScreeningUnpickler(pickle.Unpickler):
+    """Walks a pickle as the real unpickler would, resolving every global through ``find_class`` (so memo and
+    stack tricks cannot hide one), but refuses any global not allowed and returns placeholders for the rest."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))  # Python 2 names, as
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # pickle maps them (torch.save: protocol 2)
+        if not _safe_global(f"{module}.{name}"):
+            raise _Refused(f"{module}.{name}")
+        return _Placeholder
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
 
 
 def screen_pickle(path: Path) -> None:
     """Refuse a torch/pickle file that would import anything beyond tensors and plain containers.
 
-    Raises DataError naming the file and the offending global.
+    Files are told apart as torch.load does (a zip archive starts with ``PK\\x03\\x04``; anything else is read
+    as consecutive pickles). Raises DataError naming the file and the offending global.
     """
-    blobs: list[bytes] = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            blobs = [zf.read(n) for n in zf.namelist() if n.endswith(".pkl")]
-    else:
-        blobs = [path.read_bytes()]
-    for blob in blobs:
-        try:
-            names = _pickle_globals(blob)
-        except Exception as e:  # noqa: BLE001 - any parse failure means "not a pickle we trust"
-            raise DataError(f"{path}: not a valid pickle ({e}); delete this checkpoint to start over") from None
-        for name in names:
-            if not name.split(".")[0] in _SAFE_PICKLE_MODULES or name.startswith(("builtins.eval", "builtins.exec",
-                                                                                   "builtins.__import__",
-                                                                                   "builtins.getattr",
-                                                                                   "builtins.open")):
-                raise DataError(f"{path}: pickle imports {name!r}, which a training checkpoint never needs; "
-                                "refusing to load it (delete this checkpoint to start over)")
+    with path.open("rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    blobs: list[tuple[bytes, int]] = []
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as zf:
+                blobs = [(zf.read(n), 1) for n in zf.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [(path.read_bytes(), _TORCH_LEGACY_PICKLES)]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{path}: not a readable torch file ({e}); delete this checkpoint to start over") from None
+    for blob, count in blobs:
+        stream = io.BytesIO(blob)
+        for i in range(count):
+            if i and stream.tell() >= len(blob):
+                break
+            try:
+                _ScreeningUnpickler(stream).load()
+            except _Refused as e:
+                raise DataError(f"{path}: pickle imports {str(e)!r}, which a training checkpoint never needs; "
+                                "refusing to load it (delete this checkpoint to start over)") from None
+            except Exception as e:  # noqa: BLE001 - any parse failure means "not a pickle we trust"
+                if i:
+                    break  # the raw tensor bytes after the pickles of torch's legacy format
+                raise DataError(f"{path}: not a valid pickle ({e}); delete this checkpoint to start over") from None
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         out = job.work_dir / "export"
         shutil.rmtree(out, ignore_errors=True)
         outputs = {"adapter": out / "adapter"}
-        with stage("export"):
+        with stage("export"), train.disk_full_is_transient(out, "writing the adapter and merged weights"):
             peft_model.save_pretrained(outputs["adapter"])
             tokenizer.save_pretrained(outputs["adapter"])
             del peft_model
@@ -94,8 +94,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         lineage = {"base_model": weights.lineage(), "dataset": identity.to_dict()}
         answers = {"before": before["answers"], "after": after["answers"]}
         card = export.model_card(cfg, lineage, metrics, answers)
-        for local in outputs.values():
-            (local / "README.md").write_text(card)
+        with train.disk_full_is_transient(out, "writing the model card"):
+            for local in outputs.values():
+                (local / "README.md").write_text(card)
         stop.check("before publishing")
         with stage("publish"):
             record = {"artifacts": {k: k for k in outputs}, "lineage": lineage, "metrics": metrics,

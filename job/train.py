@@ -7,9 +7,14 @@ with the same run id resumes from the latest complete checkpoint with the same n
 
 from __future__ import annotations
 
+import errno
+import re
 import resource
+import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +25,14 @@ from job.backends import TrainingBackend, TrainPlan
 from job.checkpoints import Checkpointer
 from job.config import JobConfig
 from job.data import PreparedData
-from registry.errors import Preempted
+from registry.errors import DataError, MedftError, Preempted, TransientError
 from registry.logs import get_logger
 
 log = get_logger(__name__)
 
 KEEP_LOCAL = 2  # trainer checkpoints kept on local disk; the store keeps its own
+_DISK_FULL = re.compile(r"No space left on device|os error 28|Errno 28|Disk quota exceeded|os error 122")
+_NEARLY_FULL = 1 * 2**20  # bytes free below which a failed write is taken to be a full disk
 
 
 @dataclass
@@ -65,13 +72,43 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, _signum: int, _frame: Any) -> None:
-        if not self.requested:
-            log.warning("sigterm.received", action="finishing the current step, then checkpointing")
+        # Only set a flag: the interrupted thread may hold the logger's lock, so logging here can deadlock.
         self.requested = True
 
     def check(self, where: str) -> None:
         if self.requested:
             raise Preempted(f"stopped by SIGTERM {where}; rerun with the same output.run_id to resume")
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc`` comes from a full disk under ``path``.
+
+    safetensors and the OS say so; torch.save reports ENOSPC as a RuntimeError about stream positions, so
+    when the error does not say, the space left on the volume decides.
+    """
+    e: BaseException | None = exc
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _DISK_FULL.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return isinstance(exc, (OSError, RuntimeError)) and shutil.disk_usage(path).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+@contextmanager
+def disk_full_is_transient(path: Path, doing: str) -> Iterator[None]:
+    """Turn a full disk under ``path`` into TransientError (exit 75) with one line; other errors pass."""
+    try:
+        yield
+    except MedftError:
+        raise
+    except Exception as e:
+        if not _disk_full(e, path):
+            raise
+        raise TransientError(f"disk full while {doing} under {path}: free space there (MEDFT_CACHE) and rerun "
+                             "with the same output.run_id to resume from the last complete checkpoint") from None
 
 
 def to_trainer_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
@@ -101,6 +138,8 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None) -> lis
             if preemption.requested or state.global_step >= state.max_steps:
                 control.should_save = True  # the last step is saved so a later crash never retrains
             if preemption.requested:
+                if not control.should_training_stop:
+                    log.warning("sigterm.received", step=state.global_step, action="saving a checkpoint, then stopping")
                 control.should_training_stop = True
             return control
 
@@ -116,6 +155,35 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None) -> lis
                          loss=round(float(logs["loss"]), 4), lr=logs.get("learning_rate"))
 
     return [_Checkpointing()]
+
+
+def _already_finished(model: Any, resume_dir: Path, step: int) -> TrainResult | None:
+    """The result of a run whose checkpoint holds its last step, with that adapter loaded into ``model``.
+
+    None when steps remain. Resumed at its last step, the trainer would take one step more than max_steps.
+    """
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(resume_dir / "trainer_state.json"))
+    if state.max_steps <= 0 or state.global_step < state.max_steps:
+        return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = set_peft_model_state_dict(model, load_file(resume_dir / "adapter_model.safetensors"))
+    if loaded.unexpected_keys:
+        raise DataError(f"{resume_dir}: the adapter does not fit the model (e.g. {loaded.unexpected_keys[0]}); "
+                        "delete this checkpoint to start over")
+    history = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
+    log.info("train.already_done", step=state.global_step, action="loaded the last checkpoint's adapter")
+    return TrainResult(
+        steps=state.global_step,
+        train_loss=sum(h["loss"] for h in history) / len(history) if history else None,
+        trained_tokens=0, tokens_per_s=0.0, seconds_per_step=0.0,
+        peak_gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        peak_host_mem_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        wall_s=0.0, resumed_from_step=step, loss_history=history,
+    )
 
 
 def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, tokenizer: Any,
@@ -136,6 +204,9 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     if checkpointer is not None and (ref := checkpointer.latest()) is not None:
         resume_dir = checkpointer.restore(ref, work_dir)
         resumed_from = ref.step
+        if (finished := _already_finished(model, resume_dir, ref.step)) is not None:
+            log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
+            return finished
     args = SFTConfig(
         output_dir=str(work_dir),
         per_device_train_batch_size=plan.batch_size,
@@ -155,7 +226,7 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         report_to="none",
         disable_tqdm=True,
         max_length=cfg.model.max_seq_length,
-        packing=plan.packing,
+        packing=False,  # TRL's packing bin-packs rows up to max_length, which would change what batch_size means
         padding_free=plan.packing,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -174,7 +245,7 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         torch.cuda.reset_peak_memory_stats()
     log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
     start = time.perf_counter()
-    with preemption:
+    with preemption, disk_full_is_transient(work_dir, "saving a checkpoint"):
         output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     wall = time.perf_counter() - start
     steps_here = max(trainer.state.global_step - (resumed_from or 0), 1)
