@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -264,6 +265,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# A rejected value is quoted in the error line, briefly: a YAML alias bomb would otherwise make it megabytes.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
 def _first_error(e: ValidationError, origin: str) -> ConfigError:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -271,7 +278,7 @@ def _first_error(e: ValidationError, origin: str) -> ConfigError:
     if err["type"] == "extra_forbidden":
         msg = "unknown key; see the configuration reference in README.md"
     elif "input" in err and err["type"] not in ("missing", "value_error"):
-        msg = f"{msg} (got {err['input']!r})"
+        msg = f"{msg} (got {_SHORT_REPR.repr(err['input'])})"
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return ConfigError(f"{origin}: {key}: {msg}{more}")
 

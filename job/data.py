@@ -94,6 +94,8 @@ class DatasetIdentity:
     split: str | None
     rows: int
     content_sha256: str
+    loaded_rows: int | None = None  # set by used_identity: what load_rows returned, before too-long drops
+    loaded_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +166,7 @@ class PreparedData:
     eval: list[dict[str, list[int]]]
     eval_rows: list[Row]
     report: DataReport
+    used_rows: list[Row] = field(default_factory=list)  # every row kept (train and eval), in source order
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -572,6 +575,22 @@ def _row_from_record(record: dict[str, Any], row: int, where: str, display: str,
     return Row(values[0], values[1], values[2], row)
 
 
+def _canonical(row: Row) -> bytes:
+    return json.dumps([row.question, row.reasoning, row.answer], ensure_ascii=False).encode("utf-8")
+
+
+def used_identity(identity: DatasetIdentity, prepared: PreparedData) -> DatasetIdentity:
+    """``identity`` narrowed to the rows ``prepare`` kept (train and eval), hashed as ``load_rows`` hashes.
+
+    The loaded count and hash stay beside it, so an auditor can tie the used rows to the source file.
+    """
+    content = hashlib.sha256()
+    for row in prepared.used_rows:
+        content.update(_canonical(row) + b"\n")
+    return dataclasses.replace(identity, rows=len(prepared.used_rows), content_sha256=content.hexdigest(),
+                               loaded_rows=identity.rows, loaded_sha256=identity.content_sha256)
+
+
 def _collect(records: Iterable[Record], display: str, cols: ColumnsConfig) -> tuple[list[Row], int, int, str]:
     """Validate records, drop exact duplicates; returns rows, rows read, duplicates and the content hash."""
     rows: list[Row] = []
@@ -581,7 +600,7 @@ def _collect(records: Iterable[Record], display: str, cols: ColumnsConfig) -> tu
     for row_no, where, record in records:
         read += 1
         row = _row_from_record(record, row_no, where, display, cols)
-        line = json.dumps([row.question, row.reasoning, row.answer], ensure_ascii=False).encode("utf-8")
+        line = _canonical(row)
         key = hashlib.sha256(line).digest()
         if key in seen:
             duplicates += 1
@@ -891,7 +910,8 @@ def prepare(rows: list[Row], tokenizer: Any, cfg: JobConfig, *, report: DataRepo
     log.info("data.prepared", template=template.name, train=len(train_idx), eval=len(eval_idx),
              dropped=report.dropped, truncated=report.truncated, seconds=round(time.monotonic() - started, 2))
     return PreparedData(train=[examples[i] for i in train_idx], eval=[examples[i] for i in eval_idx],
-                        eval_rows=[rows[i] for i in eval_idx], report=report)
+                        eval_rows=[rows[i] for i in eval_idx], report=report,
+                        used_rows=[rows[i] for i in sorted(examples)])
 
 
 def validate(cfg: JobConfig, tokenizer: Any = None, *,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from job.config import JobConfig
@@ -47,9 +47,9 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], dest: Path, *, sh
         if pending:
             try:
                 save_file(pending, str(dest / f"part-{len(shards) + 1:05d}.safetensors"), metadata={"format": "pt"})
-            except OSError as e:
-                raise TransientError(f"{dest}: cannot write a shard ({e.strerror or e}); free disk space "
-                                     "and rerun with the same run id") from None
+            except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+                raise TransientError(f"{dest}: cannot write a shard ({getattr(e, 'strerror', None) or e}); free "
+                                     "disk space and rerun with the same run id") from None
             shards.append(list(pending))
             pending, pending_bytes = {}, 0
 

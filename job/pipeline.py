@@ -52,7 +52,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             return
         record_config(job)
         with stage("pull"):
-            rows, identity, _ = data.load_rows(cfg)  # bad data fails here, before any weights move
+            rows, identity, data_report = data.load_rows(cfg)  # bad data fails here, before any weights move
             weights = model.pull_weights(cfg.model.base, cfg.model.revision)
             merge_weights = model.pull_weights(cfg.model.merge_base, None) if cfg.model.merge_base else weights
         stop.check("after pulling")
@@ -61,7 +61,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             plan = backend.plan(cfg)
             log.info("backend.plan", backend=backend.name, **plan.__dict__)
             peft_model, tokenizer = backend.load(weights.path, cfg, plan)
-            prepared = data.prepare(rows, tokenizer, cfg)
+            prepared = data.prepare(rows, tokenizer, cfg, report=data_report)
         with stage("eval_before"):
             before = evaluate.evaluate(peft_model, tokenizer, prepared.eval, cfg, "before")
         with stage("train"):
@@ -91,7 +91,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             "merge_check": merge_check if cfg.export.merge else None, "stage_seconds": stage.seconds,
             "loss_history": result.loss_history, "backend": backend.name, "plan": plan.__dict__,
         }
-        lineage = {"base_model": weights.lineage(), "dataset": identity.to_dict()}
+        lineage = {"base_model": weights.lineage(), "dataset": data.used_identity(identity, prepared).to_dict()}
         answers = {"before": before["answers"], "after": after["answers"]}
         card = export.model_card(cfg, lineage, metrics, answers)
         with train.disk_full_is_transient(out, "writing the model card"):
@@ -100,7 +100,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         stop.check("before publishing")
         with stage("publish"):
             record = {"artifacts": {k: k for k in outputs}, "lineage": lineage, "metrics": metrics,
-                      "answers": answers, "environment": publish.environment(), "config": cfg.to_dict()}
+                      "data_report": prepared.report.to_dict(), "answers": answers,
+                      "environment": publish.environment(), "config": cfg.to_dict()}
             publish.publish(job, outputs, record)
             version = publish.register(job)
     log.info("run.done", run_id=job.run_id, uri=job.uri, version=version.version, stage_seconds=stage.seconds)

@@ -23,6 +23,7 @@ from job.data import Row, prepare
 from job.inference import Sampling, fetch_artifact, load, resolve
 from job.templates import get_template
 from registry.errors import DataError
+from tests.cli import run_main
 from tests.conftest import _new_bucket, make_s3_client
 from tests.integration.conftest import ROOT, job_args, medft_cmd, run_medft
 
@@ -58,21 +59,6 @@ def _env(cache: Path, endpoint: str) -> dict[str, str]:
 
 def _events(stderr: str) -> list[dict]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
-def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``medft ARGV`` in-process through the real entry point: (exit code, stdout, stderr).
-
-    """
-    from job.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:

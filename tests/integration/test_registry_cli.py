@@ -12,22 +12,17 @@ from typing import Any
 
 import pytest
 
-from job.cli import main
 from registry.registry import Registry
 from registry.store import open_store
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run ``medft ARGV`` in-process; return (exit code, stdout, the ``medft: error`` line or '')."""
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    errors = [line for line in err.splitlines() if line.startswith("medft: error:")]
+    code, out, err = cli.run_main(argv, capsys)
+    errors = cli.error_lines(err)
     return code, out, errors[0] if errors else ""
 
 

@@ -80,7 +80,9 @@ def test_rows_carry_stripped_fields_and_their_1_based_source_row(tmp_path: Path)
     assert rows[1].question == "padded question"
     assert identity == DatasetIdentity(source=str(path), revision=None, subset=None, split=None, rows=2,
                                        content_sha256=identity.content_sha256)
-    assert set(identity.to_dict()) == {"source", "revision", "subset", "split", "rows", "content_sha256"}
+    assert set(identity.to_dict()) == {"source", "revision", "subset", "split", "rows", "content_sha256",
+                                       "loaded_rows", "loaded_sha256"}
+    assert identity.loaded_rows is None  # set only once prepare() has narrowed the rows (used_identity)
     assert report.rows_read == 2 and report.rows_kept == 2
 
 

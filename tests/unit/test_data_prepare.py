@@ -255,3 +255,18 @@ def test_prepared_data_is_what_the_trainer_expects(sample_rows: list[Row]) -> No
         assert set(ex) == {"input_ids", "completion_mask"}
         assert all(isinstance(t, int) for t in ex["input_ids"])
         assert set(ex["completion_mask"]) <= {0, 1}
+
+
+def test_lineage_names_the_rows_actually_used_and_the_rows_loaded() -> None:
+    cfg = config_for(SAMPLE)
+    rows, identity, _ = load_rows(cfg)
+    tok = tiny_tokenizer()
+    everything = data.used_identity(identity, prepare(rows, tok, config_for(SAMPLE, "model.max_seq_length=4096")))
+    assert (everything.rows, everything.content_sha256) == (identity.rows, identity.content_sha256)
+
+    lengths = sorted(len(x["input_ids"]) for x in prepare(rows, tok, config_for(SAMPLE, "model.max_seq_length=4096")).train)
+    limit = lengths[len(lengths) // 2]  # about half the rows are longer than this and get dropped
+    narrowed = data.used_identity(identity, prepare(rows, tok, config_for(SAMPLE, f"model.max_seq_length={limit}")))
+    assert 0 < narrowed.rows < identity.rows
+    assert narrowed.content_sha256 != identity.content_sha256
+    assert (narrowed.loaded_rows, narrowed.loaded_sha256) == (identity.rows, identity.content_sha256)
