@@ -21,6 +21,7 @@ from typing import Any
 from job.config import JobConfig
 from registry.errors import AccessDeniedError, ConfigError, DataError, NotFoundError, TransientError
 from registry.logs import get_logger
+from registry.store import sha256_file
 
 log = get_logger(__name__)
 
@@ -99,14 +100,6 @@ def validate_safetensors(path: Path) -> None:
                             f"{info['dtype']} in {data_len} data bytes; the header lies about sizes")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_weights(weights_dir: Path) -> dict[str, str]:
     """sha256 of every weight file, memoised beside the cache keyed by path, size and mtime."""
     memo_path = cache_root() / "hashes.json"
@@ -116,7 +109,7 @@ def _hash_weights(weights_dir: Path) -> dict[str, str]:
         real = f.resolve()
         st = real.stat()
         key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
-        out[f.name] = memo.get(key) or _sha256(real)
+        out[f.name] = memo.get(key) or sha256_file(real)
         memo[key] = out[f.name]
     tmp = memo_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(memo))

@@ -36,6 +36,7 @@ from job import architectures
 from job.architectures import Architecture
 from job.backends import TrainPlan
 from job.config import JobConfig
+from job.model import cache_root
 from registry.errors import ConfigError
 from registry.logs import get_logger
 
@@ -262,16 +263,12 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
 
 # --- environment and import -------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDFT_CACHE") or Path.home() / ".cache" / "medft")
-
-
 def prepare_environment() -> Path:
     """Set the offline, no-statistics and cache variables unsloth and its compilers read; returns the root.
 
     Must run before unsloth (or triton, inductor) is imported: they read these once, at import.
     """
-    root = cache_dir()
+    root = cache_root()
     dirs = {"HF_HOME": root / "hf", "TRITON_CACHE_DIR": root / "triton",
             "TORCHINDUCTOR_CACHE_DIR": root / "inductor",
             "UNSLOTH_COMPILE_LOCATION": root / "unsloth_compiled_cache",
@@ -328,7 +325,7 @@ class UnslothBackend:
             model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=list(cfg.lora.target_modules), bias="none",
             use_gradient_checkpointing=plan.gradient_checkpointing, random_state=cfg.train.seed,
-            temporary_location=str(cache_dir() / "unsloth_tmp"))
+            temporary_location=str(cache_root() / "unsloth_tmp"))
         if plan.packing:
             # A padding-free micro-batch is several rows long, longer than max_seq_length by design; rows
             # themselves are capped by the data stage. Without the mark unsloth would cut the batch.
