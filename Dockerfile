@@ -95,6 +95,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CC=gcc \
     UNSLOTH_DISABLE_STATISTICS=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
+    MEDFT_IMAGE="medft:${VERSION} (${REVISION})" \
     HF_HUB_OFFLINE=0
 
 # HF_HUB_OFFLINE=0: weights and data are downloaded from the Hugging Face Hub (HF_TOKEN for gated repos).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,8 +26,6 @@ log = get_logger(__name__)
 
 def environment() -> dict[str, Any]:
     """What the run ran on, recorded for lineage."""
-    import os
-
     import torch
 
     env: dict[str, Any] = {"python": platform.python_version(), "image": os.environ.get("MEDFT_IMAGE")}

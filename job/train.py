@@ -48,9 +48,6 @@ class TrainResult:
     resumed_from_step: int | None
     loss_history: list[dict[str, float]] = field(default_factory=list)
 
-    def metrics(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
-
 
 class Preemption:
     """Turns SIGTERM into a flag that the training loop and the pipeline check between units of work."""
