@@ -132,7 +132,8 @@ def check_weights_dir(path: Path, uri: str) -> None:
         validate_safetensors(f)
 
 
-def _pull_hf(repo: str, revision: str | None) -> Path:
+def _pull_hf(repo: str, revision: str | None,
+             patterns: tuple[str, ...] = ("*.safetensors", "*.safetensors.index.json", *_SIDE_FILES)) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -145,7 +146,7 @@ def _pull_hf(repo: str, revision: str | None) -> Path:
         return Path(snapshot_download(
             repo, revision=revision, token=os.environ.get("HF_TOKEN") or None,
             cache_dir=os.environ.get("HF_HUB_CACHE") or cache_root() / "hf",
-            allow_patterns=["*.safetensors", "*.safetensors.index.json", *_SIDE_FILES]))
+            allow_patterns=list(patterns)))
     except GatedRepoError:
         raise AccessDeniedError(f"hf://{repo}: gated or private; set HF_TOKEN to a token with access") from None
     except RepositoryNotFoundError:
@@ -262,12 +263,8 @@ def tokenizer_for_report(cfg: JobConfig) -> Any | None:
     """model.base's tokenizer for data statistics, or None (logged) when it cannot be had here."""
     try:
         if cfg.model.base.startswith("hf://"):
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(cfg.model.base.removeprefix("hf://"), revision=cfg.model.revision,
-                                          token=os.environ.get("HF_TOKEN") or None,
-                                          cache_dir=os.environ.get("HF_HUB_CACHE") or cache_root() / "hf",
-                                          allow_patterns=[f for f in _SIDE_FILES if f != "config.json"]))
+            path = _pull_hf(cfg.model.base.removeprefix("hf://"), cfg.model.revision,
+                            tuple(f for f in _SIDE_FILES if f != "config.json"))
         elif cfg.model.base.startswith("s3://"):
             path = _pull_s3(cfg.model.base)
         else:

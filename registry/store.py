@@ -232,6 +232,21 @@ def _os_errors(path: Path | str, doing: str) -> Iterator[None]:
         raise
 
 
+def _copy_hashing(path: Path) -> Callable[[Any], tuple[int, str]]:
+    """A writer for ``_write_tmp`` that copies ``path`` into the open file, returning (bytes, sha256)."""
+
+    def source(f: Any) -> tuple[int, str]:
+        h, n = hashlib.sha256(), 0
+        with _os_errors(path, "reading"), open(path, "rb") as src:
+            while chunk := src.read(8 * MiB):
+                h.update(chunk)
+                f.write(chunk)
+                n += len(chunk)
+        return n, h.hexdigest()
+
+    return source
+
+
 def _tmp_beside(dest: Path) -> Path:
     return dest.parent / f".{dest.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
 
@@ -432,18 +447,9 @@ class LocalStore:
         dest = self._path(key)
         path = Path(path)
 
-        def source(f: Any) -> tuple[int, str]:
-            h, n = hashlib.sha256(), 0
-            with _os_errors(path, "reading"), open(path, "rb") as src:
-                while chunk := src.read(8 * MiB):
-                    h.update(chunk)
-                    f.write(chunk)
-                    n += len(chunk)
-            return n, h.hexdigest()
-
         if not path.is_file():
             raise NotFoundError(f"local file {path} does not exist")
-        tmp, size, sha = self._write_tmp(dest, source)
+        tmp, size, sha = self._write_tmp(dest, _copy_hashing(path))
         self._commit(tmp, dest, key, if_absent=if_absent, if_match=None)
         return ObjectInfo(check_key(key), size, sha, sha)
 
@@ -463,16 +469,7 @@ class LocalStore:
         if not src.is_file():
             raise NotFoundError(f"not found: {self.url(key)}")
 
-        def source(f: Any) -> tuple[int, str]:
-            h, n = hashlib.sha256(), 0
-            with _os_errors(src, "reading"), open(src, "rb") as s:
-                while chunk := s.read(8 * MiB):
-                    h.update(chunk)
-                    f.write(chunk)
-                    n += len(chunk)
-            return n, h.hexdigest()
-
-        tmp, size, sha = self._write_tmp(dest, source)
+        tmp, size, sha = self._write_tmp(dest, _copy_hashing(src))
         try:
             _verify(sha, sha256, self.url(key))
             with _os_errors(dest, "writing"):
