@@ -12,10 +12,12 @@ after the other, in one invocation:
   5 warmup steps, weight decay 0.01. ``padding_free=False`` is set because the recipe trains padded
   batches; ``B-auto`` leaves it unset, so this Unsloth release picks for itself (it turns padding-free on).
 * ``C``: medft's own train stage (``select_backend`` -> ``plan`` -> ``load`` -> ``job.train.fit``) with its
-  defaults and ``train.batch_size=auto``. The variants move one lever each: ``C-mb2`` (``batch_size`` 2 as
-  shipped), ``C-packed`` (``train.packing=true``: padding-free), ``C-grouped`` (steps of similar-length rows,
-  transformers' ``group_by_length`` sampler, injected by the benchmark), ``C-gc``
-  (``train.gradient_checkpointing=unsloth``) and ``C-fused`` (``train.optim=adamw_torch_fused``).
+  defaults (every ``auto`` resolved by the plan for the GPU found). The variants move one lever back each:
+  ``C-4bit`` (4-bit weights), ``C-8bit`` (8-bit AdamW), ``C-qlora`` (both, the recipe's), ``C-log10``
+  (a log line every 10 steps), ``C-mb2`` (micro-batch 2), ``C-packed`` (``train.packing=true``:
+  padding-free), ``C-grouped`` (steps of similar-length rows, transformers' ``group_by_length`` sampler,
+  injected by the benchmark), ``C-gc`` (``train.gradient_checkpointing=unsloth``) and ``C-mask`` (padded
+  batches with their attention mask, which the train stage leaves out: see :class:`job.train.TrainCollator`).
 
 Measured per arm, over the optimizer steps after ``--warmup`` (the first steps compile kernels): non-padding
 tokens per second, seconds per optimizer step, tokens the model processed including padding, peak GPU memory
@@ -63,26 +65,34 @@ ARMS = {
     "A": "transformers + peft + bitsandbytes, SDPA, gradient checkpointing, padded 2 x 4",
     "B": "Unsloth, the reference recipe: 4-bit, padded 2 x 4, checkpointing 'unsloth'",
     "B-auto": "Unsloth, the recipe's code as published (padding_free left to Unsloth)",
-    "C": "medft train stage (unsloth backend), defaults + train.batch_size=auto",
-    "C-mb2": "medft train stage, defaults as shipped (train.batch_size=2)",
-    "C-packed": "medft, batch_size=auto, train.packing=true (padding-free)",
-    "C-padded": "medft, batch_size=auto, train.packing=false (padded; what auto picks on unsloth)",
-    "C-grouped": "medft, batch_size=auto, padded steps of similar-length rows (group_by_length sampler)",
-    "C-gc": "medft, batch_size=auto, train.gradient_checkpointing=unsloth",
-    "C-fused": "medft, batch_size=auto, train.optim=adamw_torch_fused",
+    "C": "medft train stage (unsloth backend), defaults",
+    "C-qlora": "medft, defaults but 4-bit weights and 8-bit AdamW (the recipe's)",
+    "C-4bit": "medft, defaults but model.load_in_4bit=true",
+    "C-8bit": "medft, defaults but train.optim=adamw_8bit",
+    "C-log10": "medft, defaults but train.logging_steps=10",
+    "C-mb2": "medft, defaults but train.batch_size=2",
+    "C-packed": "medft, defaults but train.packing=true (padding-free)",
+    "C-grouped": "medft, defaults but padded steps of similar-length rows (group_by_length sampler)",
+    "C-gc": "medft, defaults but train.gradient_checkpointing=unsloth",
+    "C-mask": "medft, defaults but padded batches keep their attention mask (put back by the benchmark)",
 }
 MEDFT_OVERRIDES = {
     # 'on' is quoted: --set values are YAML, where a bare on is the boolean true.
-    "A": ["model.backend=hf", "train.batch_size=2", "train.packing=false",
-          "train.gradient_checkpointing='on'"],
-    "C": ["model.backend=unsloth", "train.batch_size=auto"],
-    "C-mb2": ["model.backend=unsloth"],
-    "C-packed": ["model.backend=unsloth", "train.batch_size=auto", "train.packing=true"],
-    "C-padded": ["model.backend=unsloth", "train.batch_size=auto", "train.packing=false"],
-    "C-grouped": ["model.backend=unsloth", "train.batch_size=auto"],
-    "C-gc": ["model.backend=unsloth", "train.batch_size=auto", "train.gradient_checkpointing=unsloth"],
-    "C-fused": ["model.backend=unsloth", "train.batch_size=auto", "train.optim=adamw_torch_fused"],
+    "A": ["model.backend=hf", "train.batch_size=2", "train.packing=false", "model.load_in_4bit=true",
+          "train.optim=adamw_8bit", "train.gradient_checkpointing='on'"],
+    "C": [],
+    "C-qlora": ["model.load_in_4bit=true", "train.optim=adamw_8bit"],
+    "C-4bit": ["model.load_in_4bit=true"],
+    "C-8bit": ["train.optim=adamw_8bit"],
+    "C-log10": ["train.logging_steps=10"],
+    "C-mb2": ["train.batch_size=2"],
+    "C-packed": ["train.packing=true"],
+    "C-grouped": [],
+    "C-gc": ["train.gradient_checkpointing=unsloth"],
+    "C-mask": [],
 }
+#: Every C arm runs the unsloth backend with medft's defaults, then its own overrides.
+MEDFT_DEFAULTS = ["model.backend=unsloth"]
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -149,10 +159,14 @@ class Meter:
     """Counts each micro-batch's tokens (at the collator) and times each optimizer step (a callback).
 
     Micro-batches are collated in training order, so step ``k`` consumed micro-batches
-    ``[(k-1) * grad_accum, k * grad_accum)``; a step's time is taken after a CUDA synchronize.
+    ``[(k-1) * grad_accum, k * grad_accum)``. The clock is read after a CUDA synchronize only at the start,
+    at the end of step ``warmup`` and at the last step: a synchronize every step would stall the GPU while
+    the host queues the next step, and hide what the trainer's own synchronizations cost.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 0, attention_mask: bool = False) -> None:
+        self.warmup = warmup
+        self.attention_mask = attention_mask  # put back the mask the train stage leaves out of padded batches
         self.real: list[int] = []     # non-padding tokens per micro-batch
         self.fed: list[int] = []      # tokens the model processed, padding included
         self.step_end: list[float] = []
@@ -160,6 +174,8 @@ class Meter:
         self.losses: list[float] = []
 
     def wrap(self, collator: Any) -> Any:
+        import torch
+
         meter = self
 
         class Counting:
@@ -171,6 +187,10 @@ class Meter:
 
             def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
                 batch = self.inner(examples)
+                if meter.attention_mask and "position_ids" not in batch:
+                    lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+                    width = batch["input_ids"].shape[1]
+                    batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
                 meter.real.append(sum(len(e["input_ids"]) for e in examples))
                 meter.fed.append(int(batch["input_ids"].numel()))
                 return batch
@@ -191,7 +211,8 @@ class Meter:
                 meter.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                sync()
+                if state.global_step in (meter.warmup, state.max_steps):
+                    sync()
                 meter.step_end.append(time.perf_counter())
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -200,9 +221,9 @@ class Meter:
 
         return Timing()
 
-    def summary(self, grad_accum: int, warmup: int) -> dict[str, Any]:
+    def summary(self, grad_accum: int) -> dict[str, Any]:
         steps = len(self.step_end)
-        warmup = min(warmup, max(steps - 1, 0))
+        warmup = min(self.warmup, max(steps - 1, 0))
         t0 = self.step_end[warmup - 1] if warmup else self.start
         seconds = self.step_end[-1] - t0 if steps else 0.0
         lo, hi = warmup * grad_accum, steps * grad_accum
@@ -283,7 +304,7 @@ def _arm_medft(spec: dict[str, Any], rows: list[dict[str, list[int]]], meter: Me
 
     overrides = [f"model.base={spec['weights']}", f"model.max_seq_length={spec['max_seq_length']}",
                  f"train.max_steps={spec['steps']}", "train.checkpoint_every=1000000", "eval.enabled=false",
-                 *MEDFT_OVERRIDES[spec["arm"]]]
+                 *(MEDFT_DEFAULTS if spec["arm"].startswith("C") else []), *MEDFT_OVERRIDES[spec["arm"]]]
     cfg = load_config(overrides=overrides, env={})
     backend = select_backend(cfg)  # imports unsloth (first) for the unsloth backend
     plan = backend.plan(cfg)
@@ -347,12 +368,12 @@ def run_arm(spec: dict[str, Any]) -> dict[str, Any]:
         if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
             os.environ["MEDFT_GPU_MEMORY_GIB"] = str(spec["cap_gib"])  # this torch cannot report the fraction
     rows = json.loads(Path(spec["rows"]).read_text())
-    meter = Meter()
+    meter = Meter(spec["warmup"], attention_mask=spec["arm"] == "C-mask")
     started = time.perf_counter()
     arm = spec["arm"]
     body = _arm_recipe if arm.startswith("B") else _arm_medft
     out = body(spec, rows, meter)
-    out.update(meter.summary(out["grad_accum"], spec["warmup"]))
+    out.update(meter.summary(out["grad_accum"]))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     out.update(arm=arm, model=spec["model"], cap_gib=spec.get("cap_gib"), gpu=gpu, versions=_versions(),
                wall_s=time.perf_counter() - started, description=ARMS[arm])

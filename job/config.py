@@ -61,7 +61,10 @@ class ModelConfig(_Section):
     merge_base: str | None = None
     """16-bit weights to merge into when ``base`` is pre-quantized (a ...-bnb-4bit repository)."""
     max_seq_length: int = Field(2048, gt=0, le=131072)
-    load_in_4bit: bool = True
+    load_in_4bit: bool | Literal["auto"] = "auto"
+    """4-bit NF4 base weights (QLoRA). ``auto``: on unsloth, 16-bit LoRA when the GPU's memory allows (it trains
+    against the exact weights the adapter is merged into, and skips dequantizing), else 4-bit; 4-bit on the hf
+    backend with CUDA; always 4-bit for a pre-quantized base."""
     backend: Literal["auto", "unsloth", "hf"] = "auto"
     trust_remote_code: bool = False
 
@@ -122,7 +125,9 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(5, ge=0)
-    optim: str = "adamw_8bit"
+    optim: str = "auto"
+    """A transformers optimizer name. ``auto``: fused torch AdamW (float32 moments, one kernel for every LoRA
+    tensor) on a GPU whose memory allows, else the recipe's 8-bit AdamW (``adamw_torch`` on CPU)."""
     weight_decay: float = Field(0.01, ge=0)
     scheduler: str = "linear"
     seed: int = 3407

@@ -70,6 +70,14 @@ class Version:
     artifacts: dict[str, dict[str, Any]]
     base_model: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)  # the settings training ran with (metrics.plan)
+
+    @property
+    def trained_in_4bit(self) -> bool:
+        """Whether the adapter trained against 4-bit base weights: the plan's choice, else the config's."""
+        if "load_in_4bit" in self.plan:
+            return bool(self.plan["load_in_4bit"])
+        return (self.config.get("model") or {}).get("load_in_4bit") is True
 
     @property
     def template_name(self) -> str:
@@ -120,7 +128,8 @@ def resolve(ref: str, *, store: str | None = None, registry: str | None = None) 
 
     reg = Registry.open(registry) if registry else Registry(open_store(store or DEFAULT_STORE).child("registry"))
     mv = reg.get(ref)
-    return Version(label=mv.ref, artifacts=mv.artifacts, base_model=mv.base_model, config=mv.config)
+    return Version(label=mv.ref, artifacts=mv.artifacts, base_model=mv.base_model, config=mv.config,
+                   plan=(mv.metrics or {}).get("plan") or {})
 
 
 def _resolve_run(ref: str) -> Version:
@@ -141,7 +150,7 @@ def _resolve_run(ref: str) -> Version:
     lineage = manifest.get("lineage") or {}
     return Version(label=label, artifacts=artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST)),
                    base_model=lineage.get("base_model") or manifest.get("base_model") or {},
-                   config=manifest.get("config") or {})
+                   config=manifest.get("config") or {}, plan=(manifest.get("metrics") or {}).get("plan") or {})
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -311,7 +320,7 @@ def load(version: Version, artifact: str = "merged") -> Loaded:
     else:
         from peft import PeftModel
 
-        four_bit = unsloth and bool((version.config.get("model") or {}).get("load_in_4bit", False))
+        four_bit = unsloth and version.trained_in_4bit
         base = _load_weights(_pull_base(version), version, unsloth=unsloth, four_bit=four_bit)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
     # The artifact's own tokenizer: the one training saved beside the weights it produced.

@@ -115,16 +115,27 @@ def to_trainer_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int
             for r in rows]
 
 
-class _TokenCountingCollator:
-    """Wraps TRL's collator to count the real (non-padding) tokens of each training batch."""
+class TrainCollator:
+    """TRL's collator, counting the real (non-padding) tokens of each batch and leaving out the attention mask.
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    TRL pads rows on the right. In a causal model a real token never attends to a later position, so on
+    right-padded rows the mask only hides padding from padding, whose outputs the loss ignores (labels
+    -100): the loss and gradients are the same without it. Without a mask, attention runs as plain causal
+    attention (the flash kernel, which skips the masked-out half) rather than a kernel that reads a mask for
+    every pair of positions. Padding-free batches carry no mask either way.
+    """
+
+    def __init__(self, pad_token_id: int, padding_free: bool) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=padding_free)
         self.tokens = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         self.tokens += sum(len(e["input_ids"]) for e in examples)
-        return self.inner(examples)
+        batch = self.inner(examples)
+        batch.pop("attention_mask", None)
+        return batch
 
 
 def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None) -> list[Any]:
@@ -193,7 +204,6 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     """
     import datasets
     from trl import SFTConfig
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     preemption = preemption or Preemption()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +227,9 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
         logging_steps=cfg.train.logging_steps,
+        # The filter tests every micro-batch's loss for NaN on the host, a GPU synchronization each time; a NaN
+        # loss is better logged as NaN than replaced by an average.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=cfg.train.checkpoint_every,
         save_total_limit=KEEP_LOCAL,
@@ -229,8 +242,7 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         remove_unused_columns=False,
         **backend.sft_args(cfg, plan),
     )
-    collator = _TokenCountingCollator(DataCollatorForLanguageModeling(
-        pad_token_id=tokenizer.pad_token_id, padding_free=plan.packing))
+    collator = TrainCollator(tokenizer.pad_token_id, padding_free=plan.packing)
     trainer = backend.trainer_class()(
         model=model, args=args, processing_class=tokenizer, data_collator=collator,
         train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),

@@ -55,11 +55,15 @@ class HFBackend:
         batch_size = 2 if cfg.train.batch_size == "auto" else cfg.train.batch_size
         if cfg.train.batch_size == "auto":
             reasons["batch_size"] = "auto resolves to the reference micro-batch of 2 on the hf backend"
-        load_in_4bit = cfg.model.load_in_4bit and cuda
-        if cfg.model.load_in_4bit and not cuda:
+        wants_4bit = cfg.model.load_in_4bit is not False  # auto is QLoRA here: no memory model to size 16-bit
+        load_in_4bit = wants_4bit and cuda
+        if wants_4bit and not cuda:
             reasons["load_in_4bit"] = "bitsandbytes 4-bit needs CUDA: training the 16-bit weights instead"
         optim = cfg.train.optim
-        if "8bit" in optim and not cuda:
+        if optim == "auto":
+            optim = "adamw_torch_fused" if cuda else "adamw_torch"
+            reasons["optim"] = f"auto -> {optim}"
+        elif "8bit" in optim and not cuda:
             optim = "adamw_torch"
             reasons["optim"] = f"{cfg.train.optim} needs bitsandbytes on CUDA: using adamw_torch"
         checkpointing: bool | str = cfg.train.gradient_checkpointing in ("on", "unsloth") or (

@@ -24,6 +24,7 @@ longer rows later; the estimate's coefficients were measured on the GPU (see ``d
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from job import architectures
 from job.architectures import Architecture
 from job.backends import TrainPlan
 from job.config import JobConfig
-from job.model import cache_root
+from job.model import cache_root, is_prequantized
 from registry.errors import ConfigError
 from registry.logs import get_logger
 
@@ -62,8 +63,12 @@ OUTSIDE_BYTES_PER_HIDDEN_OFFLOADED = 16
 # NF4 with double-quantised block scales: 4 bits plus about 0.13 bits of scales per weight (measured: the
 # estimate of the 4-layer Llama-8B-wide model's weights was within 1% of the allocator's count).
 NF4_BYTES_PER_PARAM = 0.53
-# LoRA factors train in float32: weight, gradient, 8-bit AdamW's two moments, and a float32 temporary.
-LORA_BYTES_PER_PARAM = 4 + 4 + 2 + 4
+# LoRA factors train in float32: weight, gradient, a float32 temporary, plus the optimizer's two moments
+# (one byte each in 8-bit AdamW, four in torch's AdamW).
+LORA_BYTES_PER_PARAM = 4 + 4 + 4
+OPTIMIZER_STATE_BYTES_PER_PARAM = {"adamw_8bit": 2, "paged_adamw_8bit": 2}
+FLOAT32_ADAM_STATE_BYTES = 8
+FUSED_ADAMW = "adamw_torch_fused"
 # Unsloth's fused cross-entropy makes float32 logits max(512, tokens / 8) tokens at a time.
 LOSS_MIN_CHUNK_TOKENS = 512
 LOSS_BYTES_PER_LOGIT = 4
@@ -125,7 +130,7 @@ def model_shape(cfg: JobConfig) -> Architecture | None:
 
 
 def estimate_peak_bytes(arch: Architecture, *, tokens: int, load_in_4bit: bool, checkpointing: bool | str,
-                        lora_r: int, target_modules: tuple[str, ...]) -> int:
+                        lora_r: int, target_modules: tuple[str, ...], optim: str = "adamw_8bit") -> int:
     """Estimated peak GPU memory of one training micro-batch of ``tokens`` tokens (allocator's view)."""
     counts = arch.parameter_counts()
     linear = arch.num_hidden_layers * sum(a * b for a, b in arch.projection_shapes().values())
@@ -133,7 +138,8 @@ def estimate_peak_bytes(arch: Architecture, *, tokens: int, load_in_4bit: bool, 
         weights = linear * NF4_BYTES_PER_PARAM + (counts["total"] - linear) * 2
     else:
         weights = counts["total"] * 2
-    lora = arch.lora_parameters(lora_r, target_modules) * LORA_BYTES_PER_PARAM
+    state = OPTIMIZER_STATE_BYTES_PER_PARAM.get(optim, FLOAT32_ADAM_STATE_BYTES)
+    lora = arch.lora_parameters(lora_r, target_modules) * (LORA_BYTES_PER_PARAM + state)
     layer = 2 * (ACT_HIDDEN * arch.hidden_size + ACT_INTERMEDIATE * arch.intermediate_size)
     if checkpointing == "unsloth":
         # Unsloth offloads each layer's input to host memory: one layer's activations live at a time.
@@ -166,10 +172,17 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
     Micro-batch (``train.batch_size: auto``): the recipe's optimizer step is ``2 x train.grad_accum`` rows
     (2 x 4 = 8 rows, about 5,800 tokens of this data); the plan keeps exactly that many rows per optimizer
     step, so the learning-rate schedule, the number of steps and the data seen per step stay the recipe's,
-    and moves them from accumulation into the micro-batch: the largest divisor of the step's rows whose
-    worst case (every row ``max_seq_length`` tokens) fits, preferring no activation checkpointing (it
-    recomputes the forward pass; 24-26% slower in the memory probe) over a larger micro-batch. The worst
-    case bounds real rows too, so a plan that fits does not run out of memory later in the run.
+    and moves them from accumulation into the micro-batch. Every ``auto`` setting is chosen from the
+    estimated peak memory of the *worst case* (every row ``max_seq_length`` tokens), which bounds real rows
+    too, so a plan that fits does not run out of memory later in the run. The first combination that fits
+    wins, searched in the order of what each was measured to give on an H200 (``docs/benchmarks.md``):
+
+    1. no activation checkpointing (checkpointing recomputes the forward pass: x1.58 on 8B when off);
+    2. the largest micro-batch (8 x 1 over 2 x 4: x1.37 on 8B);
+    3. 16-bit LoRA over 4-bit (``model.load_in_4bit: auto``), which also trains against the exact weights
+       the adapter is merged into;
+    4. fused torch AdamW over 8-bit AdamW (``train.optim: auto``): float32 moments cost 6 more bytes per
+       LoRA parameter (about 0.25 GiB on 8B) and save a Python loop over every LoRA tensor each step.
     """
     t = cfg.train
     reasons: dict[str, str] = {"gpu": f"{gpu.name}, {gpu.usable_bytes / GIB:.1f} GiB usable "
@@ -195,7 +208,16 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
 
     seq = cfg.model.max_seq_length
     budget = _budget(gpu)
-    load_in_4bit = cfg.model.load_in_4bit
+    prequantized = is_prequantized(cfg.model.base)
+    four_bit_setting = cfg.model.load_in_4bit
+    if prequantized:
+        four_bit_options = [True]
+    elif four_bit_setting == "auto":
+        four_bit_options = [False, True]
+    else:
+        # An explicit false still falls back to 4-bit when 16-bit cannot fit at all (said in the reasons).
+        four_bit_options = [False, True] if four_bit_setting is False else [True]
+    optim_options = [FUSED_ADAMW, "adamw_8bit"] if t.optim == "auto" else [t.optim]
     gc_setting = t.gradient_checkpointing
     gc_options: list[bool | str] = [False, "unsloth"] if gc_setting == "auto" else [_gc_value(gc_setting)]
     rows_per_step = (2 if t.batch_size == "auto" else t.batch_size) * t.grad_accum
@@ -209,40 +231,28 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
         batch = 2 if t.batch_size == "auto" else t.batch_size
         gc: bool | str = "unsloth" if gc_setting == "auto" else _gc_value(gc_setting)
         accum = rows_per_step // batch if t.batch_size == "auto" else t.grad_accum
-        reasons["batch_size"] = (f"{batch} x {accum}: the model's shape is unknown before its weights are "
-                                 f"pulled ({cfg.model.base}), so the recipe's micro-batch is kept")
+        unknown = f"the model's shape is unknown before its weights are pulled ({cfg.model.base})"
+        reasons["batch_size"] = f"{batch} x {accum}: {unknown}, so the recipe's micro-batch is kept"
         reasons["gradient_checkpointing"] = f"{_gc_label(gc)}: model shape unknown, the recipe's setting"
-        reasons["load_in_4bit"] = f"{load_in_4bit}: as configured"
+        four_bit = four_bit_setting is not False
+        reasons["load_in_4bit"] = f"{four_bit}: " + ("as configured" if four_bit_setting != "auto" else unknown)
+        optim = "adamw_8bit" if t.optim == "auto" else t.optim
+        reasons["optim"] = f"{optim}: " + ("as configured" if t.optim != "auto" else unknown)
         return TrainPlan(batch_size=batch, grad_accum=accum, packing=packing, gradient_checkpointing=gc,
-                         load_in_4bit=load_in_4bit, precision=precision, optim=t.optim, reasons=reasons)
+                         load_in_4bit=four_bit, precision=precision, optim=optim, reasons=reasons)
 
-    def peak(micro: int, gc: bool | str, four_bit: bool) -> int:
+    def peak(gc: bool | str, micro: int, four_bit: bool, optim: str) -> int:
         return estimate_peak_bytes(shape, tokens=micro * seq, load_in_4bit=four_bit, checkpointing=gc,
-                                   lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules)
+                                   lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules, optim=optim)
 
-    smallest = min(micro_options)
-    if not load_in_4bit and peak(smallest, gc_options[-1], False) > budget:
-        load_in_4bit = True
-        reasons["load_in_4bit"] = (f"True, although model.load_in_4bit is false: the 16-bit weights need "
-                                   f"~{peak(smallest, gc_options[-1], False) / GIB:.1f} GiB at the smallest "
-                                   f"micro-batch, over the {budget / GIB:.1f} GiB budget")
-    else:
-        reasons["load_in_4bit"] = f"{load_in_4bit}: as configured"
-
-    chosen: tuple[int, bool | str] | None = None
-    for gc in gc_options:  # checkpointing only when no micro-batch fits without it
-        for micro in micro_options:
-            if peak(micro, gc, load_in_4bit) <= budget:
-                chosen = (micro, gc)
-                break
-        if chosen:
-            break
+    # The search order is the docstring's; itertools.product varies the last option fastest.
+    candidates = list(itertools.product(gc_options, micro_options, four_bit_options, optim_options))
+    chosen = next((c for c in candidates if peak(*c) <= budget), None)
     fits = chosen is not None
-    micro, gc = chosen or (smallest, gc_options[-1])
-    need = peak(micro, gc, load_in_4bit)
+    gc, micro, four_bit, optim = chosen or candidates[-1]
+    need = peak(gc=gc, micro=micro, four_bit=four_bit, optim=optim)
     grad_accum = rows_per_step // micro if t.batch_size == "auto" else t.grad_accum
-    worst = (f"worst case {micro} x {seq} tokens needs ~{need / GIB:.1f} GiB of a {budget / GIB:.1f} GiB "
-             "budget")
+    worst = f"worst case {micro} x {seq} tokens needs ~{need / GIB:.1f} GiB of a {budget / GIB:.1f} GiB budget"
     if t.batch_size == "auto":
         reasons["batch_size"] = (f"{micro} rows x {grad_accum} accumulation = the recipe's {rows_per_step} "
                                  f"rows per optimizer step; {worst}")
@@ -257,8 +267,28 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
         reasons["gradient_checkpointing"] = f"{_gc_label(gc)}: {why}"
     else:
         reasons["gradient_checkpointing"] = f"{_gc_label(gc)}: as configured"
+    if prequantized:
+        reasons["load_in_4bit"] = f"True: {cfg.model.base} is pre-quantized"
+    elif four_bit and four_bit_setting is not True:
+        sixteen = peak(gc=gc, micro=micro, four_bit=False, optim=optim)
+        how = " (auto)" if four_bit_setting == "auto" else ", although model.load_in_4bit is false"
+        reasons["load_in_4bit"] = (f"True{how}: 16-bit weights would need ~{sixteen / GIB:.1f} GiB here, over "
+                                   "the budget")
+    elif not four_bit:
+        reasons["load_in_4bit"] = ("False (auto): 16-bit LoRA fits; it skips dequantizing and trains against the "
+                                   "exact weights the adapter is merged into" if four_bit_setting == "auto"
+                                   else "False: as configured")
+    else:
+        reasons["load_in_4bit"] = "True: as configured"
+    if t.optim != "auto":
+        reasons["optim"] = f"{optim}: as configured"
+    elif optim == FUSED_ADAMW:
+        reasons["optim"] = (f"{optim} (auto): float32 moments fit, and one fused kernel updates every LoRA "
+                            "tensor instead of a Python loop over them")
+    else:
+        reasons["optim"] = f"{optim} (auto): float32 moments would not fit the budget"
     return TrainPlan(batch_size=micro, grad_accum=grad_accum, packing=packing, gradient_checkpointing=gc,
-                     load_in_4bit=load_in_4bit, precision=precision, optim=t.optim, reasons=reasons)
+                     load_in_4bit=four_bit, precision=precision, optim=optim, reasons=reasons)
 
 
 # --- environment and import -------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 
 from job import architectures
-from job.backends.unsloth import GIB, GpuFacts, estimate_peak_bytes, plan_for
+from job.backends.unsloth import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, GpuFacts, estimate_peak_bytes, plan_for
 from job.config import load_config
 
 
@@ -22,17 +22,61 @@ LLAMA8B = architectures.get("llama8b")
 def test_a_large_gpu_trains_the_recipes_step_in_one_micro_batch_without_checkpointing():
     plan = plan_for(_cfg(), _gpu(139), LLAMA8B)
     assert (plan.batch_size, plan.grad_accum, plan.gradient_checkpointing) == (8, 1, False)
-    assert plan.load_in_4bit and plan.precision == "bf16"
-    assert {"gpu", "batch_size", "gradient_checkpointing", "packing", "load_in_4bit", "precision"} <= set(plan.reasons)
+    assert (plan.load_in_4bit, plan.optim, plan.precision) == (False, "adamw_torch_fused", "bf16")
+    assert {"gpu", "batch_size", "gradient_checkpointing", "packing", "load_in_4bit", "precision",
+            "optim"} <= set(plan.reasons)
+    assert "16-bit LoRA fits" in plan.reasons["load_in_4bit"]
+
+
+def test_an_80_gib_gpu_keeps_the_large_micro_batch_and_gives_up_16_bit_weights_first():
+    plan = plan_for(_cfg(), _gpu(80), LLAMA8B)
+    assert (plan.batch_size, plan.gradient_checkpointing, plan.load_in_4bit) == (8, False, True)
+    assert "over the budget" in plan.reasons["load_in_4bit"]
+    sixteen = estimate_peak_bytes(LLAMA8B, tokens=8 * 2048, load_in_4bit=False, checkpointing=False, lora_r=16,
+                                  target_modules=_cfg().lora.target_modules, optim=plan.optim)
+    assert sixteen > 75 * GIB  # why: the 16-bit weights would not fit beside 8 rows of activations
 
 
 def test_an_8_gib_card_fits_by_checkpointing_and_keeps_8_rows_per_step():
     plan = plan_for(_cfg(), _gpu(8), LLAMA8B)
-    assert plan.gradient_checkpointing == "unsloth"
+    assert plan.gradient_checkpointing == "unsloth" and plan.load_in_4bit
     assert plan.batch_size * plan.grad_accum == 8
     need = estimate_peak_bytes(LLAMA8B, tokens=plan.batch_size * 2048, load_in_4bit=True, checkpointing="unsloth",
-                               lora_r=16, target_modules=_cfg().lora.target_modules)
+                               lora_r=16, target_modules=_cfg().lora.target_modules, optim=plan.optim)
     assert need <= 8 * GIB and "does not fit" not in plan.reasons["batch_size"]
+
+
+def test_float32_adam_moments_cost_memory_the_estimate_counts():
+    common = {"tokens": 2048, "load_in_4bit": True, "checkpointing": "unsloth", "lora_r": 16,
+              "target_modules": _cfg().lora.target_modules}
+    fused = estimate_peak_bytes(LLAMA8B, optim="adamw_torch_fused", **common)
+    eight_bit = estimate_peak_bytes(LLAMA8B, optim="adamw_8bit", **common)
+    assert fused - eight_bit == 6 * LLAMA8B.lora_parameters(16, common["target_modules"])
+
+
+def test_the_smallest_budget_falls_back_to_the_recipes_8_bit_adamw():
+    # Just enough for the recipe's 2 x 4 with 8-bit moments, not for float32 ones.
+    common = {"tokens": 2 * 2048, "load_in_4bit": True, "checkpointing": "unsloth", "lora_r": 16,
+              "target_modules": _cfg().lora.target_modules}
+    eight_bit = estimate_peak_bytes(LLAMA8B, optim="adamw_8bit", **common)
+    fused = estimate_peak_bytes(LLAMA8B, optim="adamw_torch_fused", **common)
+    usable = ((eight_bit + fused) / 2 + HEADROOM_BYTES) / (1 - HEADROOM_FRACTION)
+    gpu = GpuFacts(name="tight", total_bytes=int(usable), usable_bytes=int(usable), bf16=True, capability=(8, 0),
+                   limit="total")
+    plan = plan_for(_cfg(), gpu, LLAMA8B)
+    assert (plan.batch_size, plan.grad_accum, plan.gradient_checkpointing) == (2, 4, "unsloth")
+    assert (plan.load_in_4bit, plan.optim) == (True, "adamw_8bit")
+    assert "would not fit" in plan.reasons["optim"]
+
+
+def test_a_prequantized_base_stays_4_bit_and_pinned_settings_are_kept():
+    prequantized = plan_for(_cfg("model.base=hf://unsloth/DeepSeek-R1-Distill-Llama-8B-bnb-4bit",
+                                 "model.merge_base=hf://deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+                            _gpu(139), LLAMA8B)
+    assert prequantized.load_in_4bit and "pre-quantized" in prequantized.reasons["load_in_4bit"]
+    pinned = plan_for(_cfg("model.load_in_4bit=true", "train.optim=adamw_8bit"), _gpu(139), LLAMA8B)
+    assert (pinned.load_in_4bit, pinned.optim) == (True, "adamw_8bit")
+    assert pinned.reasons["optim"] == "adamw_8bit: as configured"
 
 
 @pytest.mark.parametrize("gib", [8, 12, 16, 24, 40, 80, 139])
@@ -60,3 +104,4 @@ def test_configured_values_are_kept_and_an_unknown_shape_keeps_the_recipe():
     assert (fixed.batch_size, fixed.grad_accum) == (2, 4) and fixed.gradient_checkpointing
     unknown = plan_for(_cfg(), _gpu(139, bf16=False), None)
     assert (unknown.batch_size, unknown.grad_accum, unknown.precision) == (2, 4, "fp16")
+    assert (unknown.load_in_4bit, unknown.optim) == (True, "adamw_8bit")
