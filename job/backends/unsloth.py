@@ -210,13 +210,13 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
     budget = _budget(gpu)
     prequantized = is_prequantized(cfg.model.base)
     four_bit_setting = cfg.model.load_in_4bit
-    if prequantized:
-        four_bit_options = [True]
+    if prequantized or four_bit_setting is True:
+        four_bit_tiers = [[True]]
     elif four_bit_setting == "auto":
-        four_bit_options = [False, True]
+        four_bit_tiers = [[False, True]]
     else:
-        # An explicit false still falls back to 4-bit when 16-bit cannot fit at all (said in the reasons).
-        four_bit_options = [False, True] if four_bit_setting is False else [True]
+        # An explicit false falls back to 4-bit only when 16-bit fits nowhere (said in the reasons).
+        four_bit_tiers = [[False], [True]]
     optim_options = [FUSED_ADAMW, "adamw_8bit"] if t.optim == "auto" else [t.optim]
     gc_setting = t.gradient_checkpointing
     gc_options: list[bool | str] = [False, "unsloth"] if gc_setting == "auto" else [_gc_value(gc_setting)]
@@ -246,7 +246,8 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
                                    lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules, optim=optim)
 
     # The search order is the docstring's; itertools.product varies the last option fastest.
-    candidates = list(itertools.product(gc_options, micro_options, four_bit_options, optim_options))
+    candidates = [c for tier in four_bit_tiers
+                  for c in itertools.product(gc_options, micro_options, tier, optim_options)]
     chosen = next((c for c in candidates if peak(*c) <= budget), None)
     fits = chosen is not None
     gc, micro, four_bit, optim = chosen or candidates[-1]

@@ -263,3 +263,12 @@ def test_an_empty_question_is_refused_before_any_lookup(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--question is empty"):
         inference.generate_command("nosuch", "   ", sampling=Sampling(), store=str(tmp_path / "nowhere"))
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_an_adapter_loads_on_the_base_precision_it_trained_against() -> None:
+    # The plan recorded with the run decides; `auto` in the config says nothing by itself.
+    assert Version("m:1", {}, config={"model": {"load_in_4bit": "auto"}}, plan={"load_in_4bit": True}).trained_in_4bit
+    assert not Version("m:1", {}, config={"model": {"load_in_4bit": True}},
+                       plan={"load_in_4bit": False}).trained_in_4bit
+    assert not Version("m:1", {}, config={"model": {"load_in_4bit": "auto"}}).trained_in_4bit
+    assert Version("m:1", {}, config={"model": {"load_in_4bit": True}}).trained_in_4bit  # records before plans

@@ -94,9 +94,13 @@ def test_no_checkpointing_is_preferred_then_the_largest_micro_batch_that_fits():
     assert without == sorted(without) and without[-1] == 8  # within one mode, more memory never means less
 
 
-def test_16_bit_lora_that_cannot_fit_falls_back_to_4_bit_and_says_why():
+def test_16_bit_lora_asked_for_is_kept_where_it_fits_and_falls_back_to_4_bit_where_not():
     plan = plan_for(_cfg("model.load_in_4bit=false"), _gpu(8), LLAMA8B)
     assert plan.load_in_4bit and "budget" in plan.reasons["load_in_4bit"]
+    # On 24 GiB auto would take 4-bit without checkpointing; asked for 16-bit, it checkpoints instead.
+    assert plan_for(_cfg(), _gpu(24), LLAMA8B).load_in_4bit
+    asked = plan_for(_cfg("model.load_in_4bit=false"), _gpu(24), LLAMA8B)
+    assert asked.load_in_4bit is False and asked.reasons["load_in_4bit"] == "False: as configured"
 
 
 def test_configured_values_are_kept_and_an_unknown_shape_keeps_the_recipe():
