@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import threading
 import uuid
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.faults import RequestRule, first_due, reason
 
 TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-access-key",
@@ -114,28 +115,11 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 # ------------------------------------------------------------------------ fault-injecting serial server
 
-@dataclass
-class Fault:
-    status: int = 503
-    code: str = "SlowDown"
+@dataclass(kw_only=True)
+class Fault(RequestRule):
     times: int | None = 1
-    """How many requests to fail; ``None`` fails every matching request."""
-    method: str | None = None
-    path: str | None = None
-    """Regex searched in the request path (``/bucket/key``)."""
-    query: str | None = None
-    """Regex searched in the query string (e.g. ``partNumber=[3-9]``)."""
-    after: int = 0
-    """Let this many matching requests through first."""
     applied: bool = False
     """Let moto apply the request, then answer the error anyway (a response lost after the write)."""
-    hits: int = 0
-    seen: int = 0
-
-    def matches(self, method: str, path: str, query: str) -> bool:
-        return ((self.method is None or self.method == method)
-                and (self.path is None or re.search(self.path, path) is not None)
-                and (self.query is None or re.search(self.query, query) is not None))
 
 
 @dataclass
@@ -162,20 +146,12 @@ class Faults:
     def take(self, method: str, path: str, query: str) -> Fault | None:
         with self.lock:
             self.requests.append((method, path, query))
-            for f in self.rules:
-                if not f.matches(method, path, query):
-                    continue
-                f.seen += 1
-                if f.seen <= f.after or (f.times is not None and f.hits >= f.times):
-                    continue
-                f.hits += 1
-                self.injected.append((method, path, query, f.status))
-                return f
-        return None
-
-
-_REASONS = {403: "Forbidden", 404: "Not Found", 412: "Precondition Failed", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            f = first_due(self.rules, method, path, query)
+            if f is None:
+                return None
+            f.hits += 1
+            self.injected.append((method, path, query, f.status))
+            return f
 
 
 def fault_middleware(app: Any, faults: Faults) -> Any:
@@ -194,9 +170,8 @@ def fault_middleware(app: Any, faults: Faults) -> Any:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             if length:
                 environ["wsgi.input"].read(length)  # drain the body so the client sees our answer
-        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{fault.code}</Code>'
-                f"<Message>injected by the test</Message><RequestId>test</RequestId></Error>").encode()
-        start_response(f"{fault.status} {_REASONS.get(fault.status, 'Error')}",
+        body = fault.error_body()
+        start_response(f"{fault.status} {reason(fault.status)}",
                        [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
         return [body] if method != "HEAD" else [b""]
 

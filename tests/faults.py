@@ -36,6 +36,7 @@ import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,33 +44,69 @@ from urllib.parse import urlsplit
 ACTIONS = ("error", "drop", "drop_after", "truncate", "delay", "hold")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                "expect"}
-_REASONS = {403: "Forbidden", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
-            502: "Bad Gateway", 503: "Service Unavailable"}
 
 
-@dataclass
-class Rule:
-    action: str
+@dataclass(kw_only=True)
+class RequestRule:
+    """Which requests a fault applies to, and its counts; shared by this proxy and the WSGI middleware behind
+    the serial moto server (``tests/conftest.py``)."""
+
     method: str | None = None
     path: str | None = None
     """Regex searched in the request path (``/bucket/key``)."""
     query: str | None = None
-    rate: float = 1.0
+    """Regex searched in the query string (e.g. ``partNumber=[3-9]``)."""
     times: int | None = None
+    """How many requests to fault; ``None``: every matching request."""
     after: int = 0
+    """Let this many matching requests through first."""
     status: int = 503
     code: str = "SlowDown"
-    seconds: float = 0.0
-    barrier: int | None = None
     seen: int = 0
     hits: int = 0
-    _held: list[tuple[threading.Event, list[bool]]] = field(default_factory=list)
-    _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def matches(self, method: str, path: str, query: str) -> bool:
         return ((self.method is None or self.method == method)
                 and (self.path is None or re.search(self.path, path) is not None)
                 and (self.query is None or re.search(self.query, query) is not None))
+
+    def error_body(self) -> bytes:
+        """The S3 error document answered for this fault."""
+        return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{self.code}</Code>'
+                f"<Message>injected by a test</Message><RequestId>fault</RequestId></Error>").encode()
+
+
+def reason(status: int) -> str:
+    """The standard reason phrase of an HTTP status, for injected error answers."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def first_due(rules: list[Any], method: str, path: str, query: str, admit: Any = None) -> Any:
+    """The first of ``rules`` that matches the request and is due (past ``after``, under ``times``, and
+    ``admit(rule)`` when given), or None. Counts ``seen`` on every matching rule it passes; the caller
+    counts ``hits`` for the rule it applies. Call it holding the injector's lock."""
+    for rule in rules:
+        if not rule.matches(method, path, query):
+            continue
+        rule.seen += 1
+        if rule.seen <= rule.after or (rule.times is not None and rule.hits >= rule.times):
+            continue
+        if admit is None or admit(rule):
+            return rule
+    return None
+
+
+@dataclass
+class Rule(RequestRule):
+    action: str
+    rate: float = 1.0
+    seconds: float = 0.0
+    barrier: int | None = None
+    _held: list[tuple[threading.Event, list[bool]]] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
 
     # hold ----------------------------------------------------------------------------------------------
     @property
@@ -184,21 +221,16 @@ class FaultProxy:
     def _decide(self, method: str, path: str, query: str) -> Rule | None:
         with self.lock:
             self.requests.append((method, path, query))
-            for rule in self.rules:
-                if not rule.matches(method, path, query):
-                    continue
-                rule.seen += 1
-                if rule.seen <= rule.after or (rule.times is not None and rule.hits >= rule.times):
-                    continue
-                if rule.rate < 1.0 and self.rng.random() >= rule.rate:
-                    continue
-                with rule._cond:
-                    rule.hits += 1
-                    rule._cond.notify_all()
-                label = f"{rule.status} {rule.code}" if rule.action == "error" else rule.action
-                self.injected.append((rule.action, label, method, path))
-                return rule
-        return None
+            rule = first_due(self.rules, method, path, query,
+                             admit=lambda r: r.rate >= 1.0 or self.rng.random() < r.rate)
+            if rule is None:
+                return None
+            with rule._cond:
+                rule.hits += 1
+                rule._cond.notify_all()
+            label = f"{rule.status} {rule.code}" if rule.action == "error" else rule.action
+            self.injected.append((rule.action, label, method, path))
+            return rule
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -230,9 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _error(self, rule: Rule) -> None:
-        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{rule.code}</Code>'
-                f"<Message>injected by tests.faults</Message><RequestId>fault</RequestId></Error>").encode()
-        self.send_response(rule.status, _REASONS.get(rule.status, "Error"))
+        body = rule.error_body()
+        self.send_response(rule.status, reason(rule.status))
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
