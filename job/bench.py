@@ -187,11 +187,11 @@ class Meter:
 
             def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
                 batch = self.inner(examples)
+                lengths = [len(e["input_ids"]) for e in examples]
                 if meter.attention_mask and "position_ids" not in batch:
-                    lengths = torch.tensor([len(e["input_ids"]) for e in examples])
                     width = batch["input_ids"].shape[1]
-                    batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
-                meter.real.append(sum(len(e["input_ids"]) for e in examples))
+                    batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+                meter.real.append(sum(lengths))
                 meter.fed.append(int(batch["input_ids"].numel()))
                 return batch
 
