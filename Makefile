@@ -30,7 +30,7 @@ test-gpu: install
 	$(BIN)/python -m pytest tests/gpu
 
 lint: install
-	$(BIN)/ruff check job registry tests
+	$(BIN)/ruff check job registry tests benchmarks
 	$(BIN)/hadolint Dockerfile
 
 image:
@@ -39,7 +39,7 @@ image:
 	  --build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || echo unknown) .
 
 bench:
-	$(PY) -m job.bench --models qwen1.5b,llama8b --arms A,B,C --cap-gib 8 --whole-job llama8b
+	$(PY) -m benchmarks.train --models qwen1.5b,llama8b --arms A,B,C --cap-gib 8 --whole-job llama8b
 
 clean:
 	rm -rf $(VENV) medft-store .pytest_cache

@@ -1,22 +1,18 @@
-"""The real DeepSeek-R1-Distill architectures as data, and random-init models built from them.
+"""The real DeepSeek-R1-Distill architectures as data: the shapes that set a model's size, speed and memory.
 
-The hub is out of reach on the GPU machine and in CI, so benchmarks and GPU tests train models with the
-real shapes and random weights: same parameter count, same FLOPs per token, same memory. Speed does not
-depend on the values, only on the shapes.
+What each entry holds is taken from the released ``config.json`` of the named model. The parameter counts
+here are analytic (from the shapes), so they hold without building a model: the unsloth backend sizes its
+plan from them (:func:`job.backends.memory_plan.estimate_peak_bytes`) before any weights are loaded.
 
-What each entry holds is taken from the released ``config.json`` of the named model. The tokenizer is
-synthetic: a word-level vocabulary where the word ``t<N>`` is token ``N``, with the released models' own
-begin/end-of-sentence ids, so text made of ``t<N>`` words tokenizes to exactly the ids chosen.
-
-The parameter counts here are analytic (from the shapes), so they hold without building a model;
-:func:`train_flops_per_token` is the 4 x N count the benchmark reports model FLOPs utilization against.
+Random-init models, the synthetic tokenizer and the FLOPs count the benchmarks report against are built from
+these shapes in :mod:`benchmarks.models` (not part of the installed package).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,30 +78,6 @@ class Architecture:
         shapes = self.projection_shapes()
         return self.num_hidden_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules
                                             if m in shapes)
-
-    def hf_config_dict(self, **overrides: Any) -> dict[str, Any]:
-        """The ``config.json`` content transformers builds this architecture from."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling:
-            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
-        out: dict[str, Any] = {
-            "architectures": [arch], "model_type": self.model_type, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim, "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope, "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu", "initializer_range": 0.02,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id, "attention_dropout": 0.0, "use_cache": True,
-        }
-        if self.model_type == "llama":
-            out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-        else:
-            out.update(use_sliding_window=False, sliding_window=None,
-                       max_window_layers=self.num_hidden_layers)
-        out.update(overrides)
-        return out
 
 
 LLAMA_8B = Architecture(
@@ -193,83 +165,3 @@ def from_pretrained_dir(path: str | Path) -> Architecture | None:
         return from_config_dict(json.loads(cfg.read_text()), key=Path(path).name)
     except (OSError, ValueError):
         return None
-
-
-def train_flops_per_token(arch: Architecture) -> int:
-    """Model FLOPs of one LoRA training token: 4 x the parameters outside the input embedding.
-
-    Forward is 2N; backward needs only the activations' gradients through the frozen weights (another 2N),
-    not the weights' own (the LoRA factors' gradients are negligible). The input embedding is a lookup.
-    Recomputation by activation checkpointing is not counted: MFU credits useful work only.
-    """
-    counts = arch.parameter_counts()
-    return 4 * (counts["total"] - counts["input_embedding"])
-
-
-def hf_config(arch: Architecture, **overrides: Any) -> Any:
-    """A transformers ``PretrainedConfig`` for ``arch``."""
-    from transformers import AutoConfig
-
-    d = arch.hf_config_dict(**overrides)
-    return AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
-
-
-def build_tokenizer(arch: Architecture) -> Any:
-    """A fast tokenizer over ``arch.vocab_size`` ids: word ``t<N>`` is id ``N``; unknown words map to ``t0``.
-
-    bos/eos/pad are special tokens at the architecture's ids, named as in the released DeepSeek-R1-Distill
-    tokenizers (pad is a distinct token so padding never hides an end of sentence).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    names = {arch.bos_token_id: "<｜begin▁of▁sentence｜>", arch.eos_token_id: "<｜end▁of▁sentence｜>",
-             arch.pad_token_id: "<｜pad｜>"}
-    names.update({i: n for n, i in arch.special_tokens.items()})
-    vocab = {names.get(i, f"t{i}"): i for i in range(arch.vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=names[arch.bos_token_id], eos_token=names[arch.eos_token_id],
-        pad_token=names[arch.pad_token_id], unk_token="t0", model_max_length=arch.max_position_embeddings)
-    fast.add_special_tokens({"additional_special_tokens": []})
-    return fast
-
-
-def build_random_model(arch: Architecture, *, dtype: Any = None, device: Any = None, seed: int = 0) -> Any:
-    """A random-init ``*ForCausalLM`` of ``arch`` (transformers' own init: normal(0, 0.02)), in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = dtype or torch.bfloat16
-    torch.manual_seed(seed)
-    config = hf_config(arch)
-    with torch.device(device or "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def save_random_checkpoint(arch: Architecture, dest: str | Path, *, dtype: Any = None, device: Any = None,
-                           seed: int = 0, shard_size: str = "5GB") -> Path:
-    """Write a random-init model of ``arch`` as a local weights directory (safetensors, config, tokenizer).
-
-    Built on ``device`` (CUDA when available: an 8B model initialises in seconds there, minutes on a CPU).
-    A directory already holding ``.medft-random.json`` for the same architecture and seed is reused.
-    """
-    import torch
-
-    dest = Path(dest)
-    marker = dest / ".medft-random.json"
-    wanted = {"architecture": asdict(arch), "seed": seed}
-    if marker.exists() and json.loads(marker.read_text()) == wanted:
-        return dest
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_random_model(arch, dtype=dtype or torch.bfloat16, device=device, seed=seed)
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest, max_shard_size=shard_size)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    build_tokenizer(arch).save_pretrained(dest)
-    marker.write_text(json.dumps(wanted))
-    return dest

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from job.config_yaml import parse_override, read_yaml_file
 from registry.errors import ConfigError
+from registry.names import DEFAULT_STORE, NAME_RE
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -31,9 +33,6 @@ DEFAULT_EVAL_QUESTIONS = (
     "palpable in the right lower quadrant, with a low-grade fever. What is the most likely diagnosis and "
     "how should it be managed initially?",
 )
-
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class _Section(BaseModel):
@@ -176,7 +175,7 @@ class ExportConfig(_Section):
 
 
 class OutputConfig(_Section):
-    store: str = "./medft-store"
+    store: str = DEFAULT_STORE
     registry: str | None = None
     """Registry URI; defaults to ``<store>/registry``."""
     model_name: str = "r1-medical"
@@ -188,7 +187,7 @@ class OutputConfig(_Section):
     @field_validator("run_id")
     @classmethod
     def _run_id_shape(cls, v: str | None) -> str | None:
-        if v is not None and not _RUN_ID.fullmatch(v):
+        if v is not None and not NAME_RE.fullmatch(v):
             raise ValueError("output.run_id must be 1-128 letters, digits, '.', '_' or '-', starting with a "
                              f"letter or digit; got {v!r}")
         return v
@@ -196,7 +195,7 @@ class OutputConfig(_Section):
     @field_validator("model_name")
     @classmethod
     def _name_shape(cls, v: str) -> str:
-        if not _MODEL_NAME.fullmatch(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"output.model_name must be letters, digits, '.', '_' or '-'; got {v!r}")
         return v
 
@@ -238,38 +237,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> N
     node[keys[-1]] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``key=value``; the value is parsed as a YAML scalar (``1e-4`` -> float, ``true`` -> bool)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: write --set section.key=value, e.g. --set train.max_steps=10")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; pass an existing file to --config") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
-    return data
-
-
 # A rejected value is quoted in the error line, briefly: a YAML alias bomb would otherwise make it megabytes.
 _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
@@ -292,7 +259,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
                 env: dict[str, str] | None = None) -> JobConfig:
     """Resolve the job configuration from its sources; raises ConfigError (exit 2) naming the key."""
     env = dict(os.environ) if env is None else env
-    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    tree: dict[str, Any] = read_yaml_file(Path(path)) if path else {}
     origin = str(path) if path else "config"
     for item in overrides:
         key, value = parse_override(item)

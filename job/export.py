@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from job.config import JobConfig
-from registry.errors import ConfigError, DataError, TransientError
+from job.weights import write_sharded
+from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
 
 log = get_logger(__name__)
@@ -30,48 +30,6 @@ _FP16_MAX = torch.finfo(torch.float16).max
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
-
-def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], dest: Path, *, shard_size: int) -> list[str]:
-    """Write named tensors as safetensors shards of at most ``shard_size`` bytes (one tensor may exceed it).
-
-    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors`` with a
-    ``model.safetensors.index.json``. Returns the shard file names. Disk full raises TransientError.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    shards: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes, total = 0, 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            try:
-                save_file(pending, str(dest / f"part-{len(shards) + 1:05d}.safetensors"), metadata={"format": "pt"})
-            except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
-                raise TransientError(f"{dest}: cannot write a shard ({getattr(e, 'strerror', None) or e}); free "
-                                     "disk space and rerun with the same run id") from None
-            shards.append(list(pending))
-            pending, pending_bytes = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + nbytes > shard_size:
-            flush()
-        pending[name] = tensor
-        pending_bytes += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        (dest / "part-00001.safetensors").replace(dest / "model.safetensors")
-        return ["model.safetensors"]
-    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    weight_map = {}
-    for i, (keys, name) in enumerate(zip(shards, names), start=1):
-        (dest / f"part-{i:05d}.safetensors").replace(dest / name)
-        weight_map.update({k: name for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names
 
 
 def _base_shards(base_dir: Path) -> list[Path]:

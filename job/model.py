@@ -8,34 +8,25 @@ every safetensors header is checked against its file before any tensor is read.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
+from job.paths import cache_root, is_prequantized, resolve_local
+from job.weights import PICKLE_SUFFIXES, check_weights_dir, hash_weights, write_sharded
 from registry.errors import AccessDeniedError, ConfigError, DataError, NotFoundError, TransientError
 from registry.logs import get_logger
-from registry.store import sha256_file
+from registry.uris import parse_uri
 
 log = get_logger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("MEDFT_CACHE") or Path.home() / ".cache" / "medft")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @dataclass(frozen=True)
@@ -51,11 +42,6 @@ class BaseWeights:
         return {"uri": self.uri, "revision": self.revision, "sha256": self.files}
 
 
-def is_prequantized(uri: str) -> bool:
-    """A base already quantized to 4 bits cannot be the merge target (its 16-bit weights are gone)."""
-    name = uri.rstrip("/").lower()
-    return any(tag in name for tag in ("bnb-4bit", "-4bit", "gptq", "awq"))
-
 
 def check_weights_plan(cfg: JobConfig) -> None:
     """Refuse at start what would only fail after training. Raises ConfigError."""
@@ -64,72 +50,7 @@ def check_weights_plan(cfg: JobConfig) -> None:
                           "set model.merge_base to the 16-bit model's URI, or export.merge=false")
 
 
-def validate_safetensors(path: Path) -> None:
-    """Check a safetensors header against the file's real size before anything reads a tensor.
 
-    Raises DataError naming the file when the header is malformed or points outside the file.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DataError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
-            raise DataError(f"{path}: safetensors header claims {n} bytes in a {size}-byte file; file is corrupt")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise DataError(f"{path}: safetensors header is not valid JSON; file is corrupt") from None
-    data_len = size - 8 - n
-    if not isinstance(header, dict):
-        raise DataError(f"{path}: safetensors header is not a mapping; file is corrupt")
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            width = _DTYPE_BYTES[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: tensor {name!r} has a malformed header entry; file is corrupt") from None
-        if not (0 <= start <= end <= data_len) or end - start != count * width:
-            raise DataError(f"{path}: tensor {name!r} claims bytes {start}..{end} for shape {info['shape']} "
-                            f"{info['dtype']} in {data_len} data bytes; the header lies about sizes")
-
-
-def _hash_weights(weights_dir: Path) -> dict[str, str]:
-    """sha256 of every weight file, memoised beside the cache keyed by path, size and mtime."""
-    memo_path = cache_root() / "hashes.json"
-    memo: dict[str, str] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    out = {}
-    for f in sorted(weights_dir.glob("*.safetensors")):
-        real = f.resolve()
-        st = real.stat()
-        key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
-        out[f.name] = memo.get(key) or sha256_file(real)
-        memo[key] = out[f.name]
-    tmp = memo_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(memo_path)
-    return out
-
-
-def check_weights_dir(path: Path, uri: str) -> None:
-    """A weights directory must hold config.json and safetensors; pickles alone are refused."""
-    if not (path / "config.json").exists():
-        raise NotFoundError(f"{uri}: no config.json; point model.base at a Hugging Face model directory")
-    safetensors = list(path.glob("*.safetensors"))
-    if not safetensors:
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise DataError(f"{uri}: only pickle weights ({', '.join(sorted(pickles)[:3])}); medft loads "
-                            "safetensors only because pickles can run code: convert them to safetensors")
-        raise NotFoundError(f"{uri}: no *.safetensors weight files")
-    for f in safetensors:
-        validate_safetensors(f)
 
 
 def _pull_hf(repo: str, revision: str | None,
@@ -181,8 +102,6 @@ def _convert_gguf(gguf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from job.export import write_sharded
-
     log.info("weights.gguf_convert", file=str(gguf), dest=str(dest))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -219,23 +138,13 @@ def _convert_gguf(gguf: Path) -> Path:
     return dest
 
 
-def resolve_local(uri: str) -> Path:
-    """Map ``pkg://package/file``, ``file://`` and plain paths to a local path (no download)."""
-    if uri.startswith("pkg://"):
-        package, _, rel = uri.removeprefix("pkg://").partition("/")
-        # find_spec locates the package without running its __init__ (which may import what is absent).
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            raise NotFoundError(f"{uri}: package {package!r} is not installed (make install installs it)")
-        return Path(next(iter(spec.submodule_search_locations))) / rel
-    return Path(uri.removeprefix("file://")).expanduser()
-
 
 def pull_weights(uri: str, revision: str | None) -> BaseWeights:
     """Make ``uri``'s weights available locally and check them. Raises the errors of each source."""
-    if uri.startswith("hf://"):
-        path = _pull_hf(uri.removeprefix("hf://"), revision)
-    elif uri.startswith("s3://"):
+    location = parse_uri(uri)
+    if location.scheme == "hf":
+        path = _pull_hf(location.path, revision)
+    elif location.scheme == "s3":
         path = _pull_s3(uri)
     else:
         local = resolve_local(uri)
@@ -245,7 +154,7 @@ def pull_weights(uri: str, revision: str | None) -> BaseWeights:
             raise DataError(f"{uri}: pickle weights are refused because they can run code; use safetensors")
         path = _convert_gguf(local) if local.suffix == ".gguf" else local
     check_weights_dir(path, uri)
-    weights = BaseWeights(path=path, uri=uri, revision=revision, files=_hash_weights(path))
+    weights = BaseWeights(path=path, uri=uri, revision=revision, files=hash_weights(path))
     log.info("weights.ready", uri=uri, path=str(path), files=len(weights.files))
     return weights
 
@@ -262,10 +171,11 @@ def load_tokenizer(path: Path, cfg: JobConfig) -> Any:
 def tokenizer_for_report(cfg: JobConfig) -> Any | None:
     """model.base's tokenizer for data statistics, or None (logged) when it cannot be had here."""
     try:
-        if cfg.model.base.startswith("hf://"):
-            path = _pull_hf(cfg.model.base.removeprefix("hf://"), cfg.model.revision,
+        location = parse_uri(cfg.model.base)
+        if location.scheme == "hf":
+            path = _pull_hf(location.path, cfg.model.revision,
                             tuple(f for f in _SIDE_FILES if f != "config.json"))
-        elif cfg.model.base.startswith("s3://"):
+        elif location.scheme == "s3":
             path = _pull_s3(cfg.model.base)
         else:
             local = resolve_local(cfg.model.base)

@@ -15,8 +15,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from job.resolve import Run
+from job.lifecycle import Run
 from registry.logs import get_logger
+from registry.records import RunRecord, dump
 from registry.registry import ModelVersion, Registry
 from registry.runs import write_manifest
 from registry.store import ObjectInfo
@@ -38,7 +39,7 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def publish(run: Run, outputs: dict[str, Path], record: dict[str, Any]) -> str:
+def publish(run: Run, outputs: dict[str, Path], record: RunRecord) -> str:
     """Upload ``outputs`` (prefix -> local dir) plus config and metrics, then write the manifest.
 
     Returns the run URI. Raises the store's errors; on failure nothing is published (no manifest).
@@ -52,8 +53,8 @@ def publish(run: Run, outputs: dict[str, Path], record: dict[str, Any]) -> str:
     # config.yaml was stored create-only when the run started (resolve.record_config); list it as it is.
     raw, _ = run.run_store.get_bytes("config.yaml")
     infos.append(ObjectInfo(key="config.yaml", size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), etag=None))
-    infos.append(run.run_store.put_bytes("metrics.json", json.dumps(record["metrics"], indent=2).encode()))
-    write_manifest(run.store, run.run_id, infos, record)
+    infos.append(run.run_store.put_bytes("metrics.json", json.dumps(dump(record.metrics), indent=2).encode()))
+    write_manifest(run.store, run.run_id, infos, dump(record))
     log.info("publish.manifest", uri=run.uri, files=len(infos))
     return run.uri
 

@@ -7,14 +7,8 @@ with the same run id resumes from the latest complete checkpoint with the same n
 
 from __future__ import annotations
 
-import errno
-import re
 import resource
-import shutil
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +19,13 @@ from job.backends import TrainingBackend, TrainPlan
 from job.checkpoints import Checkpointer
 from job.config import JobConfig
 from job.data import PreparedData
-from registry.errors import DataError, MedftError, Preempted, TransientError
+from job.lifecycle import Preemption, disk_full_is_transient
+from registry.errors import DataError
 from registry.logs import get_logger
 
 log = get_logger(__name__)
 
 KEEP_LOCAL = 2  # trainer checkpoints kept on local disk; the store keeps its own
-_DISK_FULL = re.compile(r"No space left on device|os error 28|Errno 28|Disk quota exceeded|os error 122")
-_NEARLY_FULL = 1 * 2**20  # bytes free below which a failed write is taken to be a full disk
-
 
 @dataclass
 class TrainResult:
@@ -49,63 +41,7 @@ class TrainResult:
     loss_history: list[dict[str, float]] = field(default_factory=list)
 
 
-class Preemption:
-    """Turns SIGTERM into a flag that the training loop and the pipeline check between units of work."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._depth = 0  # re-entrant: the pipeline holds it for the whole job, fit() for training
-
-    def __enter__(self) -> Preemption:
-        if self._depth == 0:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, _signum: int, _frame: Any) -> None:
-        # Only set a flag: the interrupted thread may hold the logger's lock, so logging here can deadlock.
-        self.requested = True
-
-    def check(self, where: str) -> None:
-        if self.requested:
-            raise Preempted(f"stopped by SIGTERM {where}; rerun with the same output.run_id to resume")
-
-
-def _disk_full(exc: BaseException, path: Path) -> bool:
-    """Whether ``exc`` comes from a full disk under ``path``.
-
-    safetensors and the OS say so; torch.save reports ENOSPC as a RuntimeError about stream positions, so
-    when the error does not say, the space left on the volume decides.
-    """
-    e: BaseException | None = exc
-    while e is not None:
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _DISK_FULL.search(str(e)):
-            return True
-        e = e.__cause__ or e.__context__
-    try:
-        return isinstance(exc, (OSError, RuntimeError)) and shutil.disk_usage(path).free < _NEARLY_FULL
-    except OSError:
-        return False
-
-
-@contextmanager
-def disk_full_is_transient(path: Path, doing: str) -> Iterator[None]:
-    """Turn a full disk under ``path`` into TransientError (exit 75) with one line; other errors pass."""
-    try:
-        yield
-    except MedftError:
-        raise
-    except Exception as e:
-        if not _disk_full(e, path):
-            raise
-        raise TransientError(f"disk full while {doing} under {path}: free space there (MEDFT_CACHE) and rerun "
-                             "with the same output.run_id to resume from the last complete checkpoint") from None
 
 
 def to_trainer_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
@@ -203,7 +139,6 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     after saving a checkpoint when SIGTERM arrives, ConfigError/DataError when a checkpoint cannot be resumed.
     """
     import datasets
-    from trl import SFTConfig
 
     preemption = preemption or Preemption()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +149,33 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         if (finished := _already_finished(model, resume_dir, ref.step)) is not None:
             log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
             return finished
-    args = SFTConfig(
+    args = _sft_config(cfg, backend, plan, work_dir)
+    collator = TrainCollator(tokenizer.pad_token_id, padding_free=plan.packing)
+    trainer = backend.trainer_class()(
+        model=model, args=args, processing_class=tokenizer, data_collator=collator,
+        train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),
+        callbacks=_callbacks(preemption, checkpointer))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; train.progress logs instead
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
+    start = time.perf_counter()
+    with preemption, disk_full_is_transient(work_dir, "saving a checkpoint"):
+        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    wall = time.perf_counter() - start
+    result = _result(trainer, output, collator, wall, resumed_from)
+    log.info("train.done", steps=result.steps, loss=result.train_loss, tokens_per_s=round(result.tokens_per_s, 1))
+    preemption.check(f"at step {result.steps} (checkpoint saved)")
+    return result
+
+
+def _sft_config(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, work_dir: Path) -> Any:
+    """TRL's ``SFTConfig`` for this run: the config's schedule, the plan's batch shape, the backend's extras."""
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(work_dir),
         per_device_train_batch_size=plan.batch_size,
         gradient_accumulation_steps=plan.grad_accum,
@@ -242,23 +203,13 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         remove_unused_columns=False,
         **backend.sft_args(cfg, plan),
     )
-    collator = TrainCollator(tokenizer.pad_token_id, padding_free=plan.packing)
-    trainer = backend.trainer_class()(
-        model=model, args=args, processing_class=tokenizer, data_collator=collator,
-        train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),
-        callbacks=_callbacks(preemption, checkpointer))
-    from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; train.progress logs instead
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
-    start = time.perf_counter()
-    with preemption, disk_full_is_transient(work_dir, "saving a checkpoint"):
-        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
-    wall = time.perf_counter() - start
+
+def _result(trainer: Any, output: Any, collator: TrainCollator, wall: float, resumed_from: int | None
+            ) -> TrainResult:
+    """What a finished ``trainer.train`` call did: steps, loss, throughput over ``wall`` seconds, peak memory."""
     steps_here = max(trainer.state.global_step - (resumed_from or 0), 1)
-    result = TrainResult(
+    return TrainResult(
         steps=trainer.state.global_step,
         train_loss=float(output.training_loss) if output.training_loss is not None else None,
         trained_tokens=collator.tokens,
@@ -270,7 +221,3 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         resumed_from_step=resumed_from,
         loss_history=[{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
     )
-    log.info("train.done", steps=result.steps, loss=result.train_loss, tokens_per_s=round(result.tokens_per_s, 1))
-    preemption.check(f"at step {result.steps} (checkpoint saved)")
-    return result
-

@@ -14,10 +14,9 @@ from typing import Any
 
 import click
 
+from registry.names import DEFAULT_STORE
 from registry.registry import ModelVersion, Registry
 from registry.store import Store, open_store
-
-DEFAULT_STORE = "./medft-store"
 
 
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,7 +121,7 @@ ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(["merged", "adapt
 def resolve_cmd(ref: str, artifact: str, store_uri: str, registry_uri: str | None) -> None:
     """Print the URI of a model version's artifact."""
     _, reg = _open(store_uri, registry_uri)
-    click.echo(reg.resolve(ref, artifact))
+    click.echo(reg.artifact_uri(ref, artifact))
 
 
 @registry_group.command("register")

@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
+from registry.names import ARTIFACTS, NAME, NAME_RE
 from registry.runs import MANIFEST, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, open_store
 
 FORMAT = 1
-ARTIFACTS = ("merged", "adapter")
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME_RE = re.compile(rf"^{_NAME}$")
-_REF_RE = re.compile(rf"^(?P<name>{_NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{_NAME}))?$")
+_REF_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{NAME}))?$")
 _VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json$")
 _REQUIRED = ("name", "version", "created_at", "run_id", "run_uri", "artifacts")
 _CAS_ATTEMPTS = 200
@@ -48,7 +46,7 @@ def _now() -> str:
 
 
 def check_name(name: str, what: str = "model name") -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise ConfigError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
                           f"with a letter or digit")
     return name
@@ -255,7 +253,7 @@ class Registry:
                 return mv
         return None
 
-    def resolve(self, ref: str, artifact: str = "merged") -> str:
+    def artifact_uri(self, ref: str, artifact: str = "merged") -> str:
         return self._artifact(self.get(ref), artifact)["uri"]
 
     def _artifact(self, mv: ModelVersion, artifact: str) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, DataError, NotFoundError
+from registry.names import NAME_RE
+from registry.records import RunRecord, parse_record
 from registry.store import (
     BucketNotFound,
     ObjectInfo,
@@ -29,18 +31,18 @@ from registry.store import (
     check_key,
     open_store,
 )
+from registry.uris import is_location
 
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
 RUNS = "runs"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = ("format", "run_id", "created_at", "files")
 REQUIRED_FIELDS = ("format", "run_id", "created_at", "files")
 DEFAULT_ARTIFACTS = {"adapter": "adapter", "merged": "merged"}
 
 
 def check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not NAME_RE.match(run_id) or ".." in run_id:
         raise ConfigError(f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
                           f"starting with a letter or digit")
     return run_id
@@ -55,16 +57,12 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _looks_like_uri(ref: str) -> bool:
-    return "://" in ref or "/" in ref or "\\" in ref
-
-
 def run_store(store: Store | None, run_uri_or_id: str) -> tuple[Store, str]:
     """(store rooted at the run's folder, label) for a run id inside ``store`` or a run folder URI/path."""
     if not isinstance(run_uri_or_id, str) or not run_uri_or_id.strip():
         raise ConfigError("run URI or id is empty")
     ref = run_uri_or_id.strip().rstrip("/")
-    if _looks_like_uri(ref):
+    if is_location(ref):
         rs = open_store(ref, transfer=getattr(store, "transfer", None))
         return rs, rs.uri
     if store is None:
@@ -135,6 +133,14 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
                 or not isinstance(meta.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])):
             raise DataError(f"{where}: entry for {rel!r} needs an integer 'size' and a hex 'sha256'")
     return doc
+
+
+def manifest_record(manifest: dict[str, Any], where: str) -> RunRecord:
+    """The run record a manifest holds (everything but the manifest's own fields), typed.
+
+    Raises DataError (exit 3) naming ``where`` and the field when one has the wrong type.
+    """
+    return parse_record(RunRecord, {k: v for k, v in manifest.items() if k not in _RESERVED}, where)
 
 
 def read_manifest(store: Store | None, run_uri_or_id: str) -> dict[str, Any]:

@@ -215,12 +215,11 @@ def bench(n: int = 20_000, *, naive: bool = False) -> dict[str, Any]:
     """
     from unittest import mock
 
-    from job import data
-    from job.data import prepare
+    from job.data import examples, prepare
 
     if naive:
-        with mock.patch.object(data._Encoder, "_fast", lambda self, texts: None), \
-                mock.patch.object(data, "STATS_SAMPLE_ROWS", 10**9):
+        with mock.patch.object(examples._Encoder, "_fast", lambda self, texts: None), \
+                mock.patch.object(examples, "STATS_SAMPLE_ROWS", 10**9):
             return bench(n)
     tok = smollm2_tokenizer()
     rows = synthetic_rows(n)

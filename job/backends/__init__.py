@@ -7,6 +7,7 @@ is reached only through :func:`select_backend`, so the CPU path imports nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 from job.config import JobConfig
 from registry.errors import ConfigError
+from registry.records import TrainPlanRecord
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class TrainPlan:
     precision: str  # "bf16", "fp16" or "fp32"
     optim: str
     reasons: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> TrainPlanRecord:
+        """The plan as the run record stores it (``metrics.plan``), field for field."""
+        return TrainPlanRecord(**dataclasses.asdict(self))
 
 
 class TrainingBackend(Protocol):
@@ -58,6 +64,16 @@ class TrainingBackend(Protocol):
         """Switch the trained model to fast generation; returns the model to call ``generate`` on."""
         ...
 
+    def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
+                           trust_remote_code: bool = False) -> Any:
+        """A causal LM from a local safetensors folder, on the GPU when there is one, ready for an adapter.
+
+        ``max_seq_length`` is the length the model was trained for; ``load_in_4bit`` asks for the 4-bit weights
+        an adapter trained against (a backend without 4-bit inference loads the 16-bit ones, which the adapter
+        applies to as well). Call :meth:`for_inference` on the result (or the adapter wrapped around it).
+        """
+        ...
+
 
 def unsloth_available() -> bool:
     """CUDA present and unsloth installed, checked without importing unsloth (it fails without a GPU)."""
@@ -81,6 +97,17 @@ def select_backend(cfg: JobConfig) -> TrainingBackend:
             raise ConfigError("model.backend: unsloth needs a CUDA GPU and the medft[gpu] extra; "
                               "use --set model.backend=hf (or auto) on this machine")
         from job.backends.unsloth import UnslothBackend  # GPU-only imports stay behind this line
+
+        return UnslothBackend()
+    from job.backends.hf import HFBackend
+
+    return HFBackend()
+
+
+def inference_backend() -> TrainingBackend:
+    """The backend that runs a model for ``generate``/``chat``: unsloth when it can run here, else hf."""
+    if unsloth_available():
+        from job.backends.unsloth import UnslothBackend  # imports unsloth before transformers and peft
 
         return UnslothBackend()
     from job.backends.hf import HFBackend

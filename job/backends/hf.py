@@ -14,6 +14,9 @@ from registry.logs import get_logger
 log = get_logger(__name__)
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _precision() -> tuple[str, str]:
     if not torch.cuda.is_available():
         return "fp32", "no CUDA: CPU training runs in float32"
@@ -123,3 +126,16 @@ class HFBackend:
     def for_inference(self, model: Any) -> Any:
         model.eval()
         return model
+
+    def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
+                           trust_remote_code: bool = False) -> Any:
+        # Unquantized weights whatever load_in_4bit says (float32 on CPU, half precision on CUDA: half
+        # precision on CPU is slow and, for some ops, unsupported): an adapter trained against 4-bit ones
+        # applies to them too.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=_DTYPES[_precision()[0]], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        return model.eval()

@@ -52,17 +52,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init tiny Llama (grouped-query attention, 4 layers) with the synthetic word tokenizer."""
+    from benchmarks.models import save_random_checkpoint
     from job import architectures
 
     dest = tmp_path_factory.mktemp("tiny-llama")
-    return architectures.save_random_checkpoint(architectures.TINY_LLAMA, dest, seed=0)
+    return save_random_checkpoint(architectures.TINY_LLAMA, dest, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 raw rows (Question / Complex_CoT / Response); the tiny model's tokenizer reads a word as a token."""
+    from benchmarks.rows import synthetic_records
     from job import architectures
-    from job.bench import synthetic_records
 
     path = tmp_path_factory.mktemp("data") / "rows.jsonl"
     rows = synthetic_records(architectures.TINY_LLAMA, 40, seed=3)

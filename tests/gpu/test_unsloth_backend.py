@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.meter import Meter, TimedBackend
+from benchmarks.models import save_random_checkpoint
+from benchmarks.rows import synthetic_rows
 from job import architectures
-from job.bench import Meter, TimedBackend, synthetic_rows
 
 GIB = 2**30
 
@@ -40,7 +42,7 @@ def test_plan_reads_this_gpu_and_says_why():
     import torch
 
     from job.backends import select_backend
-    from job.backends.unsloth import gpu_facts
+    from job.backends.memory_plan import gpu_facts
 
     cfg = _config("model.base=hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "train.batch_size=auto")
     backend = select_backend(cfg)
@@ -63,7 +65,8 @@ def test_plan_reads_this_gpu_and_says_why():
 def test_a_per_process_memory_cap_is_what_the_plan_sizes_for():
     import torch
 
-    from job.backends.unsloth import UnslothBackend, _budget, estimate_peak_bytes, gpu_facts
+    from job.backends.memory_plan import _budget, estimate_peak_bytes, gpu_facts
+    from job.backends.unsloth import UnslothBackend
 
     if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
         pytest.skip("this torch cannot report the per-process memory fraction (MEDFT_GPU_MEMORY_GIB can)")
@@ -176,11 +179,11 @@ def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: p
     import torch
 
     from job.backends import select_backend
-    from job.backends.unsloth import estimate_peak_bytes
+    from job.backends.memory_plan import estimate_peak_bytes
     from job.train import fit
 
     arch = architectures.QWEN_1_5B
-    weights = architectures.save_random_checkpoint(arch, tmp_path_factory.mktemp("qwen1.5b"), seed=0)
+    weights = save_random_checkpoint(arch, tmp_path_factory.mktemp("qwen1.5b"), seed=0)
     gc.collect()
     held_before = torch.cuda.memory_allocated()  # what earlier tests left is not this model's to count
     cfg = _config(f"model.base={weights}", "train.batch_size=auto", "train.max_steps=3",

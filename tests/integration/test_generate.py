@@ -20,7 +20,7 @@ import torch
 from job import inference
 from job.config import JobConfig
 from job.data import Row, prepare
-from job.inference import Sampling, fetch_artifact, load, resolve
+from job.inference import Sampling, fetch_artifact, load, resolve_ref
 from job.templates import get_template
 from registry.errors import DataError
 from tests.cli import run_main
@@ -172,7 +172,7 @@ def test_bad_refs_exit_4_with_one_line(published: Published, tmp_path: Path) -> 
 def test_checksum_failure_exits_3_while_a_verified_cache_is_still_used(published: Published, cache: Path,
                                                                        tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    version = resolve("tiny:1", store=published.store)
+    version = resolve_ref("tiny:1", store=published.store)
     cached = fetch_artifact(version)
     s3 = make_s3_client(published.endpoint)
     key = "medft/runs/run-gen/merged/model.safetensors"
@@ -193,7 +193,7 @@ def test_checksum_failure_exits_3_while_a_verified_cache_is_still_used(published
         assert [p.name for p in (fresh / "models").iterdir()] == []  # nothing half-downloaded is kept
         monkeypatch.setenv("MEDFT_CACHE", str(tmp_path / "fresh-in-process"))
         with pytest.raises(DataError, match="model.safetensors"):
-            fetch_artifact(resolve(published.run_uri))  # the run URI route verifies the same way
+            fetch_artifact(resolve_ref(published.run_uri))  # the run URI route verifies the same way
     finally:
         s3.put_object(Bucket=published.bucket, Key=key, Body=original)
 
@@ -204,7 +204,7 @@ def _prompt_logits(loaded: inference.Loaded, ids: list[int]) -> torch.Tensor:
 
 
 def test_adapter_on_its_base_answers_as_the_merged_weights_do(published: Published, cache: Path) -> None:
-    version = resolve("tiny@candidate", store=published.store)
+    version = resolve_ref("tiny@candidate", store=published.store)
     merged, adapter, base = load(version, "merged"), load(version, "adapter"), inference.load_base(version)
     ids = merged.prompt_ids(QUESTION)
     assert adapter.prompt_ids(QUESTION) == ids == base.prompt_ids(QUESTION)
@@ -224,9 +224,9 @@ def test_run_uri_prompt_equals_the_training_prompt_prefix(published: Published, 
                                                           cache: Path) -> None:
     from job.model import load_tokenizer
 
-    version = resolve(published.run_uri)
+    version = resolve_ref(published.run_uri)
     assert version.label == published.run_uri
-    assert version.artifacts == resolve("tiny:1", store=published.store).artifacts
+    assert version.artifacts == resolve_ref("tiny:1", store=published.store).artifacts
     loaded = load(version)
     cfg = JobConfig.model_validate(version.config)
     assert cfg.data.template == "r1-medical" == loaded.template.name
@@ -276,7 +276,7 @@ def test_tokens_stream_to_a_terminal_and_print_whole_elsewhere(published: Publis
 
 
 def test_seeded_sampling_is_reproducible(published: Published, cache: Path) -> None:
-    loaded = load(resolve("tiny:1", store=published.store))
+    loaded = load(resolve_ref("tiny:1", store=published.store))
     runs = [inference.generate(loaded, QUESTION, Sampling(max_new_tokens=16, temperature=1.0, seed=s))
             for s in (7, 7, 8)]
     texts = [(r.reasoning, r.answer) for r in runs]
@@ -310,7 +310,7 @@ def test_demo_model_generate_and_chat(s3_server: str, tmp_path: Path, monkeypatc
 
     # The prompt it was asked is the trained one, token for token, with the real tokenizer.
     monkeypatch.setenv("MEDFT_CACHE", str(cache))
-    version = resolve("smollm2-medical-demo:1", store=store)
+    version = resolve_ref("smollm2-medical-demo:1", store=store)
     cfg = JobConfig.model_validate(version.config)
     merged_dir = fetch_artifact(version)  # cached by the generate above
     from transformers import AutoTokenizer

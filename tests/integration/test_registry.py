@@ -107,8 +107,8 @@ def test_register_get_resolve_download(store_uri: str, publish_sample_run: Calla
     assert reg.get("medical-r1:1") == mv
     assert reg.get("medical-r1@prod") == mv
     assert [v.version for v in reg.list("medical-r1")] == [1, 2]
-    assert reg.resolve("medical-r1@prod", "adapter") == run_uri + "/adapter"
-    assert reg.resolve("medical-r1") == run_uri + "/merged"
+    assert reg.artifact_uri("medical-r1@prod", "adapter") == run_uri + "/adapter"
+    assert reg.artifact_uri("medical-r1") == run_uri + "/merged"
     assert reg.find_by_run("medical-r1", "run-1") == mv
     assert reg.find_by_run("medical-r1", "run-9") is None
     assert ModelVersion.from_dict(mv.to_dict()) == mv

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from job import data
-from job.data import DatasetIdentity, Row, load_rows
+from job.data import DatasetIdentity, Row, load_rows, readers
 from registry.errors import ConfigError, DataError, MedftError, NotFoundError
 from tests.data_factory import (
     SAMPLE,
@@ -257,7 +256,7 @@ def test_bad_encodings_name_the_row(tmp_path: Path) -> None:
     json_path = write_json_list(tmp_path / "d.json", big)
     json_path.write_bytes(json_path.read_bytes().replace("ï".encode(), b"\xef"))
     # The bad byte lies well past the first read chunk; the message still names its row.
-    assert json_path.stat().st_size > 2 * data._CHUNK_BYTES // 3
+    assert json_path.stat().st_size > 2 * readers._CHUNK_BYTES // 3
     rejects(json_path, DataError, "row 1501: not valid UTF-8")
 
 
@@ -275,7 +274,7 @@ def test_utf16_and_binary_files_are_refused_as_such(tmp_path: Path) -> None:
     rows = [json.dumps(r) for r in records(4000)]
     rows[3500] = rows[3500].replace("Case", "Ca\x00se")  # a raw NUL byte in the file
     late = write_bytes(tmp_path / "late.json", ("[" + ",".join(rows) + "]").encode())
-    assert late.read_bytes().count(b"\x00") == 1 and late.stat().st_size > data._CHUNK_BYTES
+    assert late.read_bytes().count(b"\x00") == 1 and late.stat().st_size > readers._CHUNK_BYTES
     rejects(late, DataError, "row 3501: NUL bytes")
     rejects(write_bytes(tmp_path / "b.parquet", blob), DataError, "not a readable Parquet file")
 
@@ -306,7 +305,7 @@ def test_unpaired_surrogates_are_refused_with_the_field(tmp_path: Path) -> None:
 def test_json_bombs_are_refused_before_decoding(tmp_path: Path) -> None:
     bomb = '{"Question": ' + "[" * 100_000 + "]" * 100_000 + ', "Complex_CoT": "r", "Response": "a"}'
     path = write_bytes(tmp_path / "bomb.jsonl", (json.dumps(record(0)) + "\n" + bomb + "\n").encode())
-    rejects(path, DataError, f"{path}: row 2: JSON nested more than {data.MAX_JSON_DEPTH} levels deep")
+    rejects(path, DataError, f"{path}: row 2: JSON nested more than {readers.MAX_JSON_DEPTH} levels deep")
     listed = write_bytes(tmp_path / "bomb.json", ("[" + json.dumps(record(0)) + "," + bomb + "]").encode())
     rejects(listed, DataError, "row 2: JSON nested more than")
     # A deep but unclosed bomb (a truncated one) is refused just the same.
@@ -322,7 +321,7 @@ def test_brackets_inside_strings_are_text_not_nesting(tmp_path: Path) -> None:
 
 
 def test_enormous_rows_are_refused_in_every_streamed_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 64 * 1024)
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 64 * 1024)
     huge = "x" * (100 * 1024)
     rejects(write_jsonl(tmp_path / "d.jsonl", [record(0), record(1, Complex_CoT=huge)]), DataError,
             "row 2 (line 2): line longer than 0.0625 MiB")
@@ -346,7 +345,7 @@ def _peak_bytes_loading(path: Path) -> int:
 
 
 def test_reading_a_huge_single_line_costs_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 1024 * 1024)
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 1024 * 1024)
     path = tmp_path / "one-line.jsonl"
     with open(path, "wb") as f:  # 48 MiB with no newline at all
         f.truncate(0)

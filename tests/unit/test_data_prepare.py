@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from job import data
-from job.data import DataReport, PreparedData, Row, load_rows, prepare, split_indices, validate
+from job.data import DataReport, PreparedData, Row, examples, load_rows, prepare, split_indices, validate
 from job.templates import get_template
 from registry.errors import ConfigError, DataError
 from tests.data_factory import (
@@ -215,7 +215,7 @@ def test_validate_reports_without_a_tokenizer_and_measures_with_one() -> None:
 def test_the_fast_backend_path_gives_the_ids_of_the_tokenizers_own_call(sample_rows: list[Row]) -> None:
     tok = smollm2_tokenizer()
     texts = [r.reasoning for r in sample_rows]
-    encoder = data._Encoder(tok)
+    encoder = examples._Encoder(tok)
     assert encoder.ids(texts) == tok(texts, add_special_tokens=False)["input_ids"]
     assert encoder._backend is not None  # the fast path was verified and kept
 
@@ -229,7 +229,7 @@ def test_a_tokenizer_whose_python_call_differs_from_its_backend_is_tokenized_its
             return super().__call__([t.lower() for t in text] if isinstance(text, list) else text.lower(), *a, **k)
 
     lower = Lowercasing(tokenizer_object=tok.backend_tokenizer, eos_token="</s>", bos_token="<s>")
-    encoder = data._Encoder(lower)
+    encoder = examples._Encoder(lower)
     texts = [r.reasoning for r in sample_rows]
     assert encoder.ids(texts) == lower(texts, add_special_tokens=False)["input_ids"]
     assert encoder._backend is None

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from job.config import load_config
-from job.export import merge, write_sharded
-from job.model import validate_safetensors
+from job.export import merge
+from job.weights import validate_safetensors, write_sharded
 from registry.errors import ConfigError, DataError
 from tests.model_factory import tiny_config
 

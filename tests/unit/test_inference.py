@@ -21,9 +21,10 @@ from job.inference import (
     Version,
     cache_key,
     fetch_artifact,
-    resolve,
+    resolve_ref,
     split_completion,
 )
+from job.inference.generate import decoder
 from registry.errors import ConfigError, DataError, NotFoundError
 from tests import data_factory
 
@@ -96,7 +97,7 @@ def test_token_stream_decodes_multibyte_characters_whole() -> None:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 20  # byte-level BPE splits the CJK characters into several byte tokens
     eos = tok.eos_token_id
-    decode = inference._decoder(tok)
+    decode = decoder(tok)
     out = io.StringIO()
     writer = SectionWriter(out)
     writer.open()
@@ -120,7 +121,7 @@ def test_decoder_keeps_think_tags_a_tokenizer_marks_special() -> None:
     tok.add_special_tokens({"additional_special_tokens": ["</think>"]})
     ids = tok("why\n</think>\nbecause", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.convert_tokens_to_ids("</think>") in ids
-    assert split_completion(inference._decoder(tok)(ids)) == ("why", "because")
+    assert split_completion(decoder(tok)(ids)) == ("why", "because")
 
 
 def test_stop_ids_join_the_tokenizer_eos_and_the_generation_config_eos() -> None:
@@ -145,7 +146,7 @@ def test_bad_refs_are_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     for ref in ("", "  ", "bad name", "tiny:0", "tiny:x", "tiny@", "@alias", "tiny", "tiny:3", "tiny@prod",
                 "x/../y", str(tmp_path / "no-run"), "gs://bucket/runs/x", "file://host/x"):
         with pytest.raises(NotFoundError) as err:
-            resolve(ref, store=store)
+            resolve_ref(ref, store=store)
         assert "\n" not in err.value.message
         if ref.strip():
             assert ref.strip() in err.value.message or repr(ref.strip()) in err.value.message, err.value.message
@@ -237,7 +238,7 @@ def test_prompt_ids_equal_the_training_prompt_prefix(template: str, tmp_path: Pa
     cfg = data_factory.config_for("rows.jsonl", f"data.template={template}", "data.eval_fraction=0")
     publish_dir(open_store(str(tmp_path / "store")), "run-1", run, {"artifacts": {"merged": "merged"},
                                                                      "config": cfg.to_dict()})
-    loaded = inference.load(resolve(str(tmp_path / "store" / "runs" / "run-1")), "merged")
+    loaded = inference.load(resolve_ref(str(tmp_path / "store" / "runs" / "run-1")), "merged")
     rows = [Row(question=r["Question"], reasoning=r["Complex_CoT"], answer=r["Response"], source_row=i + 1)
             for i, r in enumerate(data_factory.records(3))]
     rows.append(Row(question="Fièvre et toux depuis 3 jours : 肺炎 ?", reasoning="r", answer="a", source_row=4))

@@ -91,7 +91,7 @@ def test_overlays_cover_the_reference_models_and_a_sweep():
 
 @pytest.fixture
 def lease_seconds(monkeypatch):
-    from job.resolve import Lease
+    from job.lifecycle import Lease
 
     monkeypatch.delenv("MEDFT_LEASE_SECONDS", raising=False)
     return Lease(None).ttl  # the default a Job gets, as the code defines it

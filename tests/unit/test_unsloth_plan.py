@@ -3,7 +3,7 @@
 import pytest
 
 from job import architectures
-from job.backends.unsloth import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, GpuFacts, estimate_peak_bytes, plan_for
+from job.backends.memory_plan import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, GpuFacts, estimate_peak_bytes, plan_for
 from job.config import load_config
 
 

@@ -2,7 +2,7 @@
 
 A benchmark, not a test::
 
-    .venv/bin/python -m registry.bench_s3 --size-mib 2048
+    .venv/bin/python -m benchmarks.bench_s3 --size-mib 2048
 
 It starts ``moto_server`` as a child process on 127.0.0.1 (its own process, so the server does not share
 the client's GIL), writes one file of random bytes, then for each contender uploads it and downloads it
@@ -36,7 +36,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from registry.store import TransferSettings
 
 MiB = 1024**2
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -140,6 +143,12 @@ def run(size: int, repeat: int, workdir: Path, skip: set[str], part_mib: int | N
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    return summary(size, repeat, load_before, settings, results)
+
+
+def summary(size: int, repeat: int, load_before: str, settings: TransferSettings,
+            results: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The run's record: settings, machine, seconds per transfer and median MiB/s per contender and phase."""
     return {
         "size_mib": size / MiB, "repeat": repeat, "load_before": load_before, "endpoint": "moto_server on 127.0.0.1",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
@@ -169,7 +178,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m registry.bench_s3", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_s3", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=2048, help="file size in MiB (default 2048 = 2 GiB)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None, help="where the test files go (default: a temp dir)")

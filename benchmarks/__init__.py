@@ -1,0 +1,1 @@
+"""medft's benchmarks: run on demand, not installed with the package."""

@@ -1,0 +1,153 @@
+"""Measuring a training run: the GPU's bf16 matmul peak, tokens and time per optimizer step.
+
+:class:`Meter` counts tokens at the collator and times optimizer steps with a trainer callback;
+:class:`TimedBackend` wraps a medft backend so its trainer class carries both. torch and transformers are
+imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 30) -> float:
+    """Median bf16 TFLOP/s of an n x n x n matmul on random data (CUDA events, after warm-up)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+class Meter:
+    """Counts each micro-batch's tokens (at the collator) and times each optimizer step (a callback).
+
+    Micro-batches are collated in training order, so step ``k`` consumed micro-batches
+    ``[(k-1) * grad_accum, k * grad_accum)``. The clock is read after a CUDA synchronize only at the start,
+    at the end of step ``warmup`` and at the last step: a synchronize every step would stall the GPU while
+    the host queues the next step, and hide what the trainer's own synchronizations cost.
+    """
+
+    def __init__(self, warmup: int = 0, attention_mask: bool = False) -> None:
+        self.warmup = warmup
+        self.attention_mask = attention_mask  # put back the mask the train stage leaves out of padded batches
+        self.real: list[int] = []     # non-padding tokens per micro-batch
+        self.fed: list[int] = []      # tokens the model processed, padding included
+        self.step_end: list[float] = []
+        self.start: float | None = None
+        self.losses: list[float] = []
+
+    def wrap(self, collator: Any) -> Any:
+        import torch
+
+        meter = self
+
+        class Counting:
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+            def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+                batch = self.inner(examples)
+                lengths = [len(e["input_ids"]) for e in examples]
+                if meter.attention_mask and "position_ids" not in batch:
+                    width = batch["input_ids"].shape[1]
+                    batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+                meter.real.append(sum(lengths))
+                meter.fed.append(int(batch["input_ids"].numel()))
+                return batch
+
+        return Counting(collator)
+
+    def callback(self) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        meter = self
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+        class Timing(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                sync()
+                meter.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step in (meter.warmup, state.max_steps):
+                    sync()
+                meter.step_end.append(time.perf_counter())
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    meter.losses.append(float(logs["loss"]))
+
+        return Timing()
+
+    def summary(self, grad_accum: int) -> dict[str, Any]:
+        steps = len(self.step_end)
+        warmup = min(self.warmup, max(steps - 1, 0))
+        t0 = self.step_end[warmup - 1] if warmup else self.start
+        seconds = self.step_end[-1] - t0 if steps else 0.0
+        lo, hi = warmup * grad_accum, steps * grad_accum
+        real, fed = sum(self.real[lo:hi]), sum(self.fed[lo:hi])
+        timed = steps - warmup
+        return {"steps": steps, "timed_steps": timed, "warmup_steps": warmup, "timed_seconds": seconds,
+                "tokens_per_s": real / seconds if seconds else 0.0,
+                "seconds_per_step": seconds / timed if timed else None,
+                "tokens_per_step": real / timed if timed else None,
+                "padding_share": 1 - real / fed if fed else None,
+                "max_microbatch_tokens": max(self.fed) if self.fed else 0,
+                "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None}
+
+
+def timed_trainer(base: type, meter: Meter) -> type:
+    """``base`` (an SFTTrainer class) with the meter's collator wrapper and timing callback installed."""
+
+    class TimedTrainer(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.data_collator = meter.wrap(self.data_collator)
+            self.add_callback(meter.callback())
+
+    TimedTrainer.__qualname__ = TimedTrainer.__name__ = f"Timed{base.__name__}"
+    return TimedTrainer
+
+
+class TimedBackend:
+    """A backend whose trainer class is metered; everything else is the wrapped backend's, plus any
+    ``extra_sft_args`` (a lever medft's config does not expose, tried by the benchmark)."""
+
+    def __init__(self, inner: Any, meter: Meter, extra_sft_args: dict[str, Any] | None = None) -> None:
+        self.inner, self.meter, self.name = inner, meter, inner.name
+        self.extra_sft_args = extra_sft_args or {}
+
+    def plan(self, cfg: Any) -> Any:
+        return self.inner.plan(cfg)
+
+    def load(self, *args: Any) -> Any:
+        return self.inner.load(*args)
+
+    def sft_args(self, cfg: Any, plan: Any) -> Any:
+        return {**self.inner.sft_args(cfg, plan), **self.extra_sft_args}
+
+    def for_inference(self, model: Any) -> Any:
+        return self.inner.for_inference(model)
+
+    def trainer_class(self) -> type:
+        return timed_trainer(self.inner.trainer_class(), self.meter)

@@ -1,0 +1,17 @@
+"""Names shared by the job, the registry and their command lines, each defined here once.
+
+The pattern every model name, alias and run id must match, the artifact names a published run holds, and the
+store used when none is named.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: A model name, alias or run id: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit.
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+NAME_RE = re.compile(rf"^{NAME}$")
+#: The artifacts a run publishes, the one loaded by default first.
+ARTIFACTS = ("merged", "adapter")
+#: The store when neither ``--store``, ``output.store`` nor ``MEDFT_STORE`` names one.
+DEFAULT_STORE = "./medft-store"

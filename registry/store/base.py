@@ -1,0 +1,238 @@
+"""The store seam: the :class:`Store` Protocol, what it returns and raises, safe keys, and :class:`BaseStore`,
+which writes the behaviour both stores share (directories, URLs, listings) once over their primitives.
+
+Keys are ``/``-separated relative paths; ``..``, ``.``, empty segments, absolute paths, backslashes and NUL
+are refused, so nothing is ever written outside the root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from registry.errors import ConfigError, ConflictError, DataError, MedftError, NotFoundError
+from registry.store.transfer import TransferSettings, os_errors, parallel
+
+# Names the stores leave beside files while they work; never listed, never part of a key.
+TMP_MARK = ".medft-tmp."
+LOCK_SUFFIX = ".medft-lock"
+HIDDEN = re.compile(r"^\..*(\.medft-tmp\.|\.medft-lock$)")
+
+
+class PreconditionFailed(ConflictError):
+    """A create-only write found the key present, or an ``if_match`` etag no longer matches (exit 75)."""
+
+
+class BucketNotFound(NotFoundError):
+    """The S3 bucket itself does not exist (exit 4)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    """Key relative to the root of the store that produced it."""
+    size: int
+    sha256: str | None
+    """Hex digest; ``None`` where the store has not read the content (listings)."""
+    etag: str | None
+    """Opaque version token for ``if_match`` (S3 ETag without quotes; content sha256 on a local disk)."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    uri: str
+
+    def url(self, key: str) -> str: ...
+    def child(self, prefix: str) -> Store: ...
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo: ...
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> ObjectInfo: ...
+    def get_bytes(self, key: str) -> tuple[bytes, str]: ...
+    def get_file(self, key: str, dest: Path, *, sha256: str | None = None) -> ObjectInfo: ...
+    def exists(self, key: str) -> bool: ...
+    def stat(self, key: str) -> ObjectInfo: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def delete(self, key: str) -> None: ...
+    def put_dir(self, prefix: str, local_dir: Path) -> list[ObjectInfo]: ...
+    def get_dir(self, prefix: str, dest: Path, *,
+                expected: dict[str, str] | None = None) -> list[ObjectInfo]: ...
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+def check_key(key: str, *, allow_empty: bool = False, what: str = "storage key",
+              error: type[MedftError] = ConfigError) -> str:
+    """Return ``key`` without a trailing slash if it is a safe relative key, else raise ``error``."""
+    if not isinstance(key, str):
+        raise error(f"{what} must be a string, got {type(key).__name__}")
+    k = key[:-1] if key.endswith("/") and len(key) > 1 else key
+    if k == "" or k == "/":
+        if allow_empty:
+            return ""
+        raise error(f"{what} is empty")
+    problem = None
+    if "\\" in k:
+        problem = "contains a backslash"
+    elif "\x00" in k:
+        problem = "contains a NUL byte"
+    elif k.startswith("/") or re.match(r"^[A-Za-z]:", k):
+        problem = "is an absolute path"
+    elif any(seg in ("", ".", "..") for seg in k.split("/")):
+        problem = "has an empty, '.' or '..' path segment"
+    if problem:
+        raise error(f"{what} {key!r} {problem}; keys are relative paths inside the store")
+    return k
+
+
+def join_keys(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+# ---------------------------------------------------------------------------------- local-file helpers
+
+def tmp_beside(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
+    """(relative posix path, path) for every regular file under ``local_dir`` (file symlinks followed)."""
+    if not local_dir.is_dir():
+        raise NotFoundError(f"local directory {local_dir} does not exist")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(local_dir):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if HIDDEN.match(name):
+                continue
+            p = Path(dirpath) / name
+            if p.is_file():
+                out.append((p.relative_to(local_dir).as_posix(), p))
+    return out
+
+
+def verify(sha: str, expected: str | None, uri: str) -> None:
+    """Raise DataError (exit 3) when ``expected`` is given and the content's ``sha`` is not it."""
+    if expected is not None and sha != expected.lower():
+        raise DataError(f"checksum mismatch for {uri}: expected sha256 {expected}, got {sha}; the stored "
+                        f"object is corrupt or was replaced (nothing was written)")
+
+
+# ------------------------------------------------------------------------------------------- BaseStore
+
+class BaseStore(ABC):
+    """What both stores do the same way, written once over the primitives each one provides.
+
+    A concrete store sets ``uri`` and ``transfer`` and implements the abstract single-object operations;
+    ``url``, ``list``, ``put_dir`` and ``get_dir`` follow from them.
+    """
+
+    uri: str
+    transfer: TransferSettings
+
+    # primitives ------------------------------------------------------------------------------------
+    @abstractmethod
+    def child(self, prefix: str) -> BaseStore: ...
+    @abstractmethod
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo: ...
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> ObjectInfo: ...
+    @abstractmethod
+    def get_bytes(self, key: str) -> tuple[bytes, str]: ...
+    @abstractmethod
+    def get_file(self, key: str, dest: Path, *, sha256: str | None = None) -> ObjectInfo: ...
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo: ...
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def _uploads_in_parts(self, path: Path) -> bool:
+        """Whether ``put_file`` already moves this file in parallel parts, so ``put_dir`` sends it alone."""
+        return False
+
+    # shared behaviour ------------------------------------------------------------------------------
+    def url(self, key: str) -> str:
+        k = check_key(key, allow_empty=True)
+        return f"{self.uri}/{k}" if k else self.uri
+
+    def list(self, prefix: str = "") -> list[str]:
+        return [o.key for o in self.list_info(prefix)]
+
+    def put_dir(self, prefix: str, local_dir: Path) -> list[ObjectInfo]:
+        """Every file under ``local_dir`` to ``prefix/<relative path>``; the infos sorted by key.
+
+        Files go side by side (``transfer.concurrency``), except those the store sends in parallel parts,
+        which go one at a time. Raises NotFoundError when ``local_dir`` is not a directory.
+        """
+        pfx = check_key(prefix, allow_empty=True)
+        files = _local_files(Path(local_dir))
+        alone = [f for f in files if self._uploads_in_parts(f[1])]
+        side_by_side = [f for f in files if f not in alone]
+
+        def put(item: tuple[str, Path]) -> ObjectInfo:
+            return self.put_file(join_keys(pfx, item[0]), item[1])
+
+        out = parallel(side_by_side, put, self.transfer.concurrency) + [put(f) for f in alone]
+        return sorted(out, key=lambda o: o.key)
+
+    def get_dir(self, prefix: str, dest: Path, *, expected: dict[str, str] | None = None) -> list[ObjectInfo]:
+        """Every object under ``prefix`` (or exactly ``expected``: relative path -> sha256) into ``dest``.
+
+        Raises NotFoundError for an expected file that is missing, DataError for one that fails its sha256 or
+        has an unsafe path.
+        """
+        pfx = check_key(prefix, allow_empty=True)
+        dest = Path(dest)
+        sizes = self._sizes_under(pfx)
+        plan = self._download_plan(pfx, sizes, expected)
+        with os_errors(dest, "creating directory"):
+            dest.mkdir(parents=True, exist_ok=True)
+        small = [p for p in plan if sizes.get(p[0], 0) <= self.transfer.threshold]
+        large = [p for p in plan if p not in small]
+
+        def one(item: tuple[str, str | None]) -> ObjectInfo:
+            rel, sha = item
+            return self.get_file(join_keys(pfx, rel), dest / rel, sha256=sha)
+
+        # Small files side by side; large ones one at a time, each already parallel across its parts.
+        out = parallel(small, one, self.transfer.concurrency) + [one(p) for p in large]
+        return sorted(out, key=lambda o: o.key)
+
+    def _sizes_under(self, pfx: str) -> dict[str, int]:
+        """{path relative to ``pfx``: size} from one listing (sizes decide which files go in parallel)."""
+        sizes: dict[str, int] = {}
+        for o in self.list_info(pfx):
+            rel = o.key[len(pfx) + 1:] if pfx else o.key
+            sizes[rel or o.key.rsplit("/", 1)[-1]] = o.size
+        return sizes
+
+    def _download_plan(self, pfx: str, sizes: dict[str, int],
+                       expected: dict[str, str] | None) -> list[tuple[str, str | None]]:
+        """(relative path, expected sha256 or None) per file to fetch; every expected one must be listed."""
+        if expected is None:
+            return [(rel, None) for rel in sorted(sizes)]
+        plan: list[tuple[str, str | None]] = [
+            (check_key(rel, what="file path in the expected list", error=DataError), sha)
+            for rel, sha in sorted(expected.items())]
+        missing = [rel for rel, _ in plan if rel not in sizes]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise NotFoundError(f"not found: {self.url(join_keys(pfx, missing[0]))}{more} (listed as expected)")
+        return plan
