@@ -34,11 +34,11 @@ WORKDIR /src
 
 # Dependencies first, against empty package directories, so that editing medft's code re-runs only the
 # small install below and not the gigabytes of torch/unsloth wheels. Same constraints file as CI
-# (`make install`), with the gpu extra: the image gets exactly the pinned set CI tested.
+# (`make install`), with the gpu, modelscope and tracking extras: the image gets exactly the pinned set CI tested.
 COPY pyproject.toml constraints.txt README.md ./
 RUN mkdir job registry \
  && touch job/__init__.py registry/__init__.py \
- && pip install -c constraints.txt '.[gpu]'
+ && pip install -c constraints.txt '.[gpu,modelscope,tracking]'
 
 # Now medft itself; --no-deps because every dependency is already installed from the pinned set above.
 COPY job/ job/

@@ -165,13 +165,25 @@ class Checkpointer:
             seen.add(parts[1])
             if parts[2] != COMPLETE:
                 continue
-            doc = json.loads(self.store.get_bytes(key)[0])
-            refs.append(CheckpointRef(step=int(doc["step"]), key=f"checkpoints/{parts[1]}",
-                                      files=doc["files"], versions=doc["versions"]))
+            refs.append(self._read_complete(key, parts[1]))
         incomplete = seen - {r.key.split("/")[1] for r in refs}
         if incomplete:
             log.warning("checkpoint.incomplete_ignored", checkpoints=sorted(incomplete))
         return sorted(refs, key=lambda r: r.step)
+
+    def _read_complete(self, key: str, name: str) -> CheckpointRef:
+        """A COMPLETE.json as a CheckpointRef; DataError (exit 3) naming it when it is corrupt."""
+        try:
+            doc = json.loads(self.store.get_bytes(key)[0])
+            ref = CheckpointRef(step=int(doc["step"]), key=f"checkpoints/{name}", files=doc["files"],
+                                versions=doc["versions"])
+            if not (isinstance(ref.files, dict) and isinstance(ref.versions, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in ref.files.items())):
+                raise TypeError("'files' and 'versions' must map names to strings")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.store.url(key)} is corrupt ({e.__class__.__name__}: {str(e)[:80]}); delete "
+                            f"{self.store.url(f'checkpoints/{name}')}/ to resume from the checkpoint before it") from None
+        return ref
 
     def latest(self) -> CheckpointRef | None:
         refs = self.complete()

@@ -6,14 +6,17 @@ anything else is a bug and exits 1 with its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
-from job.inference import BASE_REF, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from job.inference import BASE_REF, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_SEED
 from registry import logs
 from registry.cli import registry_group, store_options
-from registry.errors import MedftError
+from registry.errors import MedftError, Preempted
+from registry.names import ARTIFACTS
 
 CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              help="YAML job config (see configs/). Defaults apply to missing keys.")
@@ -47,7 +50,7 @@ def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) ->
 def _generation_options(fn):
     """Options shared by ``generate`` and ``chat``: which artifact, how to sample, where the registry is."""
     for option in reversed((
-        click.option("--artifact", type=click.Choice(["merged", "adapter"]), default="merged", show_default=True,
+        click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged", show_default=True,
                      help="Load the merged weights, or the base model with the adapter applied."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS,
                      show_default=True, help="Most tokens to generate for one answer (reasoning included)."),
@@ -55,8 +58,13 @@ def _generation_options(fn):
                      show_default=True, help="Sampling temperature; 0 means greedy decoding."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_TOP_P,
                      show_default=True, help="Nucleus sampling threshold (unused when greedy)."),
-        click.option("--seed", type=int, default=None, help="Seed the sampler for a reproducible answer."),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
+                     help="Seed the sampler for a reproducible answer."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text."),
+        click.option("--trust-remote-code", "trust_remote_code", metavar="SHA", default=None,
+                     help="Let a run folder's own model code run (auto_map, .py files): only for a run folder "
+                          "URI whose base was pinned to this 40-hex commit sha; refused for registry refs. "
+                          "Never taken from a record."),
     )):
         fn = option(fn)
     return store_options(fn)
@@ -69,7 +77,8 @@ def _generation_options(fn):
               help=f"Also answer with REF2, or '{BASE_REF}' for REF's base model (one model loaded at a time).")
 @_generation_options
 def generate(ref: str, question: str, compare: str | None, artifact: str, max_new_tokens: int, temperature: float,
-             top_p: float, seed: int | None, as_json: bool, store_uri: str, registry_uri: str | None) -> None:
+             top_p: float, seed: int | None, as_json: bool, trust_remote_code: str | None, store_uri: str,
+             registry_uri: str | None) -> None:
     """Answer one question with a registered version and show its reasoning and answer.
 
     \b
@@ -81,14 +90,15 @@ def generate(ref: str, question: str, compare: str | None, artifact: str, max_ne
 
     sampling = inference.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     inference.generate_command(ref, question, sampling=sampling, artifact=artifact, compare=compare,
-                               store=store_uri, registry=registry_uri, as_json=as_json)
+                               store=store_uri, registry=registry_uri, as_json=as_json,
+                               trust_remote_code=trust_remote_code)
 
 
 @cli.command()
 @click.argument("ref")
 @_generation_options
 def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-         as_json: bool, store_uri: str, registry_uri: str | None) -> None:
+         as_json: bool, trust_remote_code: str | None, store_uri: str, registry_uri: str | None) -> None:
     """Ask a registered version one question after another; stop, exit or Ctrl-D ends it.
 
     \b
@@ -99,7 +109,47 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 
     sampling = inference.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     inference.chat_command(ref, sampling=sampling, artifact=artifact, store=store_uri, registry=registry_uri,
-                           as_json=as_json)
+                           as_json=as_json, trust_remote_code=trust_remote_code)
+
+
+@cli.command("eval")
+@click.argument("ref", required=False)
+@click.option("--base", metavar="URI", default=None,
+              help="Score a base model instead of REF: hf://org/name, s3://..., a directory or a .gguf file.")
+@click.option("--base-revision", metavar="REV", default=None, help="Hub revision of --base (pin a commit sha).")
+@click.option("--template", default="r1-medical", show_default=True,
+              help="Prompt template for --base (a REF is asked with the template it was trained with).")
+@click.option("--benchmarks", default="medqa,medmcqa,pubmedqa", show_default=True,
+              help="Comma-separated benchmarks: medqa, medmcqa, pubmedqa.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Questions per benchmark: a seeded subset, the same for every model (default: all).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the --limit subset.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most tokens per answer, reasoning included; an answer cut off there counts as hit-limit.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Questions generated at once.")
+@click.option("--data", "data_files", multiple=True, metavar="BENCHMARK=FILE",
+              help="Read a benchmark from a local .jsonl/.parquet file in its dataset's schema (repeatable).")
+@click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged", show_default=True,
+              help="For REF: the merged weights, or the base model with the adapter applied.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@store_options
+def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, template: str, benchmarks: str,
+             limit: int | None, seed: int, max_new_tokens: int, batch_size: int, data_files: tuple[str, ...],
+             artifact: str, as_json: bool, store_uri: str, registry_uri: str | None) -> None:
+    """Score a model on medical benchmarks: accuracy with a 95% interval, greedy, generative.
+
+    \b
+    REF is NAME, NAME:VERSION, NAME@ALIAS or a run folder; or give --base URI for a base model.
+    Exit codes: 2 unknown benchmark or bad usage, 3 a missing column or bad row, 4 a dataset or
+    file not found, 5 a gated dataset without access, 75 the hub unreachable.
+    """
+    from job.evals.command import eval_command
+
+    eval_command(ref, base=base, base_revision=base_revision, template=template, benchmarks=benchmarks,
+                 limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                 data_files=data_files, artifact=artifact, store=store_uri, registry=registry_uri, as_json=as_json)
 
 
 @cli.group()
@@ -119,6 +169,7 @@ def data_validate(config_path: str | None, overrides: tuple[str, ...], as_json: 
     from job import model
     from job.config import load_config
 
+    logs.route_library_logs()  # the tokenizer comes through transformers, whose warnings then log as events
     cfg = load_config(config_path, overrides)
     loaded = data_stage.load_rows(cfg)  # bad data fails before any tokenizer is fetched
     report = data_stage.validate(cfg, model.tokenizer_for_report(cfg) if tokenizer else None, loaded=loaded)
@@ -128,9 +179,17 @@ def data_validate(config_path: str | None, overrides: tuple[str, ...], as_json: 
 cli.add_command(registry_group)
 
 
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    # Raised in the main thread wherever it is, as Ctrl-C is: downloads and uploads under way clean up what
+    # they wrote on the way out (``medft train`` replaces this with its own checkpoint-then-stop handler).
+    raise Preempted("stopped by SIGTERM; what was being written was removed, nothing half-written is kept")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, mapping expected failures to one line and an exit code."""
     logs.configure()
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         cli.main(args=argv, prog_name="medft", standalone_mode=False)
     except MedftError as e:
@@ -140,8 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("medft: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `medft` or `medft data`: the help is the answer
         e.show()
+        sys.exit(2)
+    except click.ClickException as e:
+        # One line like every other refusal: click's usage block would bury the reason among option lists.
+        command = e.ctx.command_path if isinstance(e, click.UsageError) and e.ctx else "medft"
+        click.echo(f"medft: error: {command}: {' '.join(e.format_message().split())} "
+                   f"(see '{command} --help')", err=True)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

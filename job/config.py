@@ -4,7 +4,8 @@ Sources, later wins: the defaults below, the YAML file (``--config``), ``--set a
 parsed as YAML scalars), then the environment: ``MEDFT_<SECTION>__<KEY>`` for any key, plus the
 shortcuts ``MEDFT_STORE`` (output.store), ``MEDFT_REGISTRY`` (output.registry) and ``MEDFT_RUN_ID``
 (output.run_id, which Kubernetes sets from the Job name). Any problem raises :class:`ConfigError`
-(exit 2) naming the key.
+(exit 2) naming the key and where its value came from: the file, ``--set KEY`` or the environment variable.
+A key given twice in one YAML mapping is refused (YAML itself would keep the last one silently).
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from job.config_yaml import parse_override, read_yaml_file
+from job.medical_benchmarks import BENCHMARKS, BenchmarkOverride, known_names, parse_benchmarks
 from registry.errors import ConfigError
 from registry.names import DEFAULT_STORE, NAME_RE
+from registry.registry import check_alias, check_name
+from registry.uris import ms_repo_id, parse_uri
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -34,9 +47,13 @@ DEFAULT_EVAL_QUESTIONS = (
     "how should it be managed initially?",
 )
 
+#: numpy, which transformers' set_seed seeds, takes seeds in [0, 2**32).
+MAX_SEED = 2**32 - 1
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    # inf and nan are never meaningful settings (an infinite learning rate only fails after weights load).
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 def _no_path_tricks(value: str | None, what: str) -> str | None:
@@ -44,19 +61,43 @@ def _no_path_tricks(value: str | None, what: str) -> str | None:
 
     A local relative path such as ``../data/rows.jsonl`` is ordinary and allowed.
     """
-    if value is None or "://" not in value or value.startswith("file://"):
+    if value is None or parse_uri(value).is_local:
         return value
-    parts = re.split(r"[\\/]", value.split("://", 1)[1])
+    parts = re.split(r"[\\/]", parse_uri(value).path)
     if ".." in parts or "." in parts:
         raise ValueError(f"{what} must not contain '.' or '..' path segments in a URI: {value!r}")
     return value
 
 
+def check_uri(value: str, what: str) -> str:
+    """Refuse a URI no source could mean: '.'/'..' segments in a remote URI, an hf:// repo id the hub refuses, an
+    ms:// URI that is not ms://owner/name (:func:`registry.uris.ms_repo_id`).
+
+    Raises ValueError naming ``what``; used for config keys and for URIs read from stored records.
+    """
+    _no_path_tricks(value, what)
+    location = parse_uri(value)
+    if location.scheme == "hf":
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(location.path)
+        except HFValidationError as e:
+            raise ValueError(f"{what} {value!r} is not hf://org/name or hf://name ({e})") from None
+    if location.scheme == "ms":
+        try:
+            ms_repo_id(location)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    return value
+
+
 class ModelConfig(_Section):
     base: str = "hf://deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    """Base weights: hf://org/name, s3://bucket/prefix, a local directory or a .gguf file."""
+    """Base weights: hf://org/name, ms://owner/name (ModelScope), s3://bucket/prefix, a local directory or a .gguf
+    file."""
     revision: str | None = None
-    """Hub revision (commit sha, tag or branch) of ``base``; pin a sha for reproducible runs."""
+    """Hub revision (commit sha, tag or branch) of an hf:// or ms:// ``base``; pin a sha for reproducible runs."""
     merge_base: str | None = None
     """16-bit weights to merge into when ``base`` is pre-quantized (a ...-bnb-4bit repository)."""
     max_seq_length: int = Field(2048, gt=0, le=131072)
@@ -66,14 +107,27 @@ class ModelConfig(_Section):
     backend with CUDA; always 4-bit for a pre-quantized base."""
     backend: Literal["auto", "unsloth", "hf"] = "auto"
     trust_remote_code: bool = False
+    tokenizer_check: bool = True
+    """Before any weights move, stop (exit 2) when model.base's tokenizer does not give the template and a sample
+    of rows back through encode and decode (docs/tokenizers.md). Off only for synthetic tokenizers that cannot
+    round-trip by design (the word-level ones of benchmarks and GPU tests)."""
 
-    _check_base = field_validator("base", "merge_base")(lambda v, info: _no_path_tricks(v, f"model.{info.field_name}"))
+    _check_base = field_validator("base", "merge_base")(
+        lambda v, info: v if v is None else check_uri(v, f"model.{info.field_name}"))
 
-    @model_validator(mode="after")
-    def _remote_code_needs_pin(self) -> ModelConfig:
-        if self.trust_remote_code and not (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _remote_code_needs_pin(cls, v: bool, info: ValidationInfo) -> bool:
+        base, revision = info.data.get("base") or "", info.data.get("revision")
+        # A commit sha pins code only on the hub; a directory, bucket or GGUF file can change under the same name.
+        # ms:// does not qualify either: modelscope keys its cache by the revision *name* it was asked for, never
+        # checks that a cached snapshot belongs to that commit, and reuses an old-layout cache for any revision.
+        if v and parse_uri(base).scheme != "hf":
+            raise ValueError("only allowed for an hf:// model.base pinned to a commit sha (model.revision); "
+                             f"{base!r} is not on the Hugging Face hub (ms:// caches cannot prove their commit)")
+        if v and not (revision and re.fullmatch(r"[0-9a-f]{40}", revision)):
             raise ValueError("model.trust_remote_code needs model.revision pinned to a 40-hex commit sha")
-        return self
+        return v
 
 
 class ColumnsConfig(_Section):
@@ -84,7 +138,8 @@ class ColumnsConfig(_Section):
 
 class DataConfig(_Section):
     source: str = "hf://FreedomIntelligence/medical-o1-reasoning-SFT"
-    """hf://org/dataset, s3://bucket/key, or a local .json/.jsonl/.parquet/.csv file."""
+    """hf://org/dataset, ms://owner/dataset (ModelScope), s3://bucket/key, or a local .json/.jsonl/.parquet/.csv
+    file."""
     subset: str | None = "en"
     split: str = "train[:500]"
     revision: str | None = None
@@ -97,7 +152,8 @@ class DataConfig(_Section):
     """Train on the whole text as the tutorials do; by default only the completion is trained."""
     cache_dir: str | None = None
 
-    _check_source = field_validator("source")(lambda v: _no_path_tricks(v, "data.source"))
+    _check_source = field_validator("source")(
+        lambda v: check_uri(v, "data.source") if parse_uri(v).scheme == "ms" else _no_path_tricks(v, "data.source"))
 
 
 class LoraConfig(_Section):
@@ -129,13 +185,31 @@ class TrainConfig(_Section):
     tensor) on a GPU whose memory allows, else the recipe's 8-bit AdamW (``adamw_torch`` on CPU)."""
     weight_decay: float = Field(0.01, ge=0)
     scheduler: str = "linear"
-    seed: int = 3407
+    seed: int = Field(3407, ge=0, le=MAX_SEED)
     packing: bool | Literal["auto"] = "auto"
     """Padding-free batches (rows concatenated, no padding); ``auto`` lets the backend choose (unsloth measured
     padded batches faster, because it compiles its decoder for them)."""
     gradient_checkpointing: Literal["auto", "unsloth", "on", "off"] = "auto"
     checkpoint_every: int = Field(20, gt=0)
     logging_steps: int = Field(1, gt=0)
+    report_to: tuple[Literal["wandb", "mlflow", "tensorboard"], ...] = ()
+    """Experiment trackers for the curves and the run's results (job/trackers.py; medft[tracking]). Their
+    settings come from each tool's own environment variables, never from this file."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v: Any) -> Any:
+        # `--set train.report_to=mlflow` and MEDFT_TRAIN__REPORT_TO=wandb name one tracker; `none` names none.
+        if v is None or v == "none":
+            return ()
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _no_repeats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"train.report_to names a tracker twice: {list(v)}")
+        return v
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -157,11 +231,53 @@ class TrainConfig(_Section):
         return self
 
 
+class BenchmarkSource(BenchmarkOverride):
+    """Where one benchmark's questions come from, when not the spec's own hub dataset: another ``dataset`` id
+    (a mirror), a pinned ``revision``, another ``subset``/``split``, other ``columns``, or a local ``file``
+    (.jsonl/.parquet in the dataset's own schema; then the hub settings do not apply)."""
+
+    file: str | None = Field(None, min_length=1)
+
+    def override(self) -> BenchmarkOverride:
+        return BenchmarkOverride(**self.model_dump(exclude={"file"}))
+
+
 class EvalConfig(_Section):
     enabled: bool = True
     questions: tuple[str, ...] = DEFAULT_EVAL_QUESTIONS
     max_new_tokens: int = Field(256, gt=0)
     max_eval_rows: int = Field(64, gt=0)
+    benchmarks: tuple[str, ...] = ()
+    """Benchmarks scored before and after training (``medqa``, ``medmcqa``, ``pubmedqa``); none by default."""
+    benchmark_limit: int | None = Field(None, gt=0)
+    """Questions per benchmark: a seeded subset (``benchmark_seed``), the same for every model; None: all."""
+    benchmark_max_new_tokens: int = Field(1024, gt=0)
+    benchmark_batch_size: int = Field(16, gt=0)
+    benchmark_seed: int = Field(0, ge=0, le=MAX_SEED)
+    benchmark_sources: dict[str, BenchmarkSource] = {}
+    """Per-benchmark overrides, keyed by benchmark name."""
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _benchmark_list(cls, v: Any) -> Any:
+        # `--set eval.benchmarks=medqa,pubmedqa` arrives as one string.
+        return [part for part in v.split(",")] if isinstance(v, str) else v
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return parse_benchmarks(",".join(v)) if v else ()
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+
+    @field_validator("benchmark_sources")
+    @classmethod
+    def _known_sources(cls, v: dict[str, BenchmarkSource]) -> dict[str, BenchmarkSource]:
+        unknown = sorted(set(v) - set(BENCHMARKS))
+        if unknown:
+            raise ValueError(f"unknown benchmark {unknown[0]!r}; use one or more of {known_names()}")
+        return v
 
 
 class ExportConfig(_Section):
@@ -182,7 +298,20 @@ class OutputConfig(_Section):
     aliases: tuple[str, ...] = ()
     run_id: str | None = None
 
-    _check_store = field_validator("store", "registry")(lambda v, info: _no_path_tricks(v, f"output.{info.field_name}"))
+    @field_validator("store", "registry")
+    @classmethod
+    def _store_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A URI the store layer opens (it makes no request), so a bad one is named by its key and source."""
+        from registry.store import TransferSettings, open_store
+
+        if v is None:
+            return v
+        _no_path_tricks(v, f"output.{info.field_name}")
+        try:
+            open_store(v, transfer=TransferSettings())  # default transfer: MEDFT_S3_* are checked on their own
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+        return v
 
     @field_validator("run_id")
     @classmethod
@@ -192,12 +321,22 @@ class OutputConfig(_Section):
                              f"letter or digit; got {v!r}")
         return v
 
+    # The registry's own checks, so a run never trains for hours to be refused at registration.
     @field_validator("model_name")
     @classmethod
     def _name_shape(cls, v: str) -> str:
-        if not NAME_RE.fullmatch(v):
-            raise ValueError(f"output.model_name must be letters, digits, '.', '_' or '-'; got {v!r}")
-        return v
+        try:
+            return check_name(v)
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_shape(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(check_alias(a) for a in v)
+        except ConfigError as e:
+            raise ValueError(e.message) from None
 
 
 class JobConfig(_Section):
@@ -208,6 +347,28 @@ class JobConfig(_Section):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     output: OutputConfig = OutputConfig()
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    """dotted key -> where its value was last set (file path, ``--set KEY``, env variable); ``""``: the fallback."""
+
+    def __eq__(self, other: object) -> bool:
+        # Where the values came from is not part of the config: the same settings are the same config.
+        if not isinstance(other, JobConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(self.model_dump_json())
+
+    def origin(self, key: str) -> str:
+        """Where ``key``'s value came from, for error lines: the environment variable, ``--set KEY`` or the file.
+
+        A section (``model``) names the source that set one of its keys last; a default names the config file.
+        """
+        return _origin_of(self._origins, key)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError (exit 2) for ``key``, naming where its value came from."""
+        return ConfigError(f"{self.origin(key)}: {key}: {message}")
 
     @property
     def registry_uri(self) -> str:
@@ -222,6 +383,24 @@ class JobConfig(_Section):
 
 _ENV_SHORTCUTS = {"MEDFT_STORE": "output.store", "MEDFT_REGISTRY": "output.registry",
                   "MEDFT_RUN_ID": "output.run_id"}
+
+
+def _origin_of(origins: dict[str, str], key: str) -> str:
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):  # the key itself, else the section that holds it
+        if (found := origins.get(".".join(parts[:n]))) is not None:
+            return found
+    inside = [where for k, where in origins.items() if k.startswith(key + ".")]  # kept in the order applied
+    return inside[-1] if inside else origins.get("", "config")
+
+
+def _note_origins(origins: dict[str, str], prefix: str, value: Any, where: str) -> None:
+    """Record ``where`` for ``prefix`` and every key below it; re-inserted so dict order is the order applied."""
+    origins.pop(prefix, None)
+    origins[prefix] = where
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _note_origins(origins, f"{prefix}.{k}", v, where)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
@@ -243,9 +422,10 @@ _SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
 _SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
 
 
-def _first_error(e: ValidationError, origin: str) -> ConfigError:
+def _first_error(e: ValidationError, origins: dict[str, str]) -> ConfigError:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    origin = _origin_of(origins, key) if err["loc"] else origins.get("", "config")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key; see the configuration reference in README.md"
@@ -260,17 +440,26 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     """Resolve the job configuration from its sources; raises ConfigError (exit 2) naming the key."""
     env = dict(os.environ) if env is None else env
     tree: dict[str, Any] = read_yaml_file(Path(path)) if path else {}
-    origin = str(path) if path else "config"
+    origins: dict[str, str] = {"": str(path) if path else "config"}
+    for k, v in tree.items():
+        _note_origins(origins, str(k), v, str(path))
+
+    def apply(dotted: str, value: Any, where: str) -> None:
+        _set_dotted(tree, dotted, value, where)
+        _note_origins(origins, dotted, value, where)
+
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(tree, key, value, f"--set {key}")
+        apply(key, value, f"--set {key}")
     for name, value in sorted(env.items()):
         if name in _ENV_SHORTCUTS:
-            _set_dotted(tree, _ENV_SHORTCUTS[name], value, name)
+            apply(_ENV_SHORTCUTS[name], value, name)
         elif name.startswith("MEDFT_") and "__" in name:
             dotted = name.removeprefix("MEDFT_").lower().replace("__", ".")
-            _set_dotted(tree, dotted, parse_override(f"x={value}")[1], name)
+            apply(dotted, parse_override(f"x={value}")[1], name)
     try:
-        return JobConfig.model_validate(tree)
+        cfg = JobConfig.model_validate(tree)
     except ValidationError as e:
-        raise _first_error(e, origin) from None
+        raise _first_error(e, origins) from None
+    cfg._origins.update(origins)
+    return cfg

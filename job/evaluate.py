@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from job.config import JobConfig
 from job.templates import get_template
+from registry import progress
 from registry.logs import get_logger
 
 log = get_logger(__name__)
 
 
 @torch.no_grad()
-def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 4) -> float | None:
-    """Mean loss per trained (completion) token over ``rows``; None when there are no eval rows."""
+def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 4,
+              on_rows: Callable[[int], None] | None = None) -> float | None:
+    """Mean loss per trained (completion) token over ``rows``; None when there are no eval rows.
+    ``on_rows(n)`` is told each batch of ``n`` rows done (progress)."""
     if not rows:
         return None
     device = next(model.parameters()).device
@@ -40,6 +44,8 @@ def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_s
                                                  shifted.reshape(-1), ignore_index=-100, reduction="sum")
         total += float(loss)
         count += int((shifted != -100).sum())
+        if on_rows is not None:
+            on_rows(len(chunk))
     model.train(was_training)
     return total / count if count else None
 
@@ -73,9 +79,15 @@ def evaluate(model: Any, tokenizer: Any, eval_rows: list[dict[str, list[int]]], 
              label: str) -> dict[str, Any]:
     """Eval loss and (when ``eval.enabled``) greedy answers, logged under ``label`` (before/after)."""
     rows = eval_rows[: cfg.eval.max_eval_rows]
-    loss = eval_loss(model, rows, tokenizer.pad_token_id)
+    with progress.current().task(f"eval loss {label}", total=len(rows), unit="row") as task:
+        loss = eval_loss(model, rows, tokenizer.pad_token_id, on_rows=task.advance)
     result: dict[str, Any] = {"eval_loss": loss, "eval_rows": len(rows),
                               "perplexity": math.exp(loss) if loss is not None and loss < 50 else None}
-    result["answers"] = answers(model, tokenizer, cfg) if cfg.eval.enabled else []
+    result["answers"] = []
+    if cfg.eval.enabled:
+        # One batched generate call: the bar shows that the answers are being written, and how long they took.
+        with progress.current().task(f"eval answers {label}", total=len(cfg.eval.questions), unit="question") as task:
+            result["answers"] = answers(model, tokenizer, cfg)
+            task.advance(len(result["answers"]))
     log.info("eval.done", when=label, eval_loss=loss, eval_rows=len(rows), questions=len(result["answers"]))
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from job.config import JobConfig
 from job.weights import write_sharded
+from registry import progress
 from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
 
@@ -29,7 +30,6 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 _FP16_MAX = torch.finfo(torch.float16).max
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
-
 
 
 def _base_shards(base_dir: Path) -> list[Path]:
@@ -61,8 +61,10 @@ def read_adapter(adapter_dir: Path) -> LoraDelta:
     return LoraDelta(scaling=scaling, pairs=pairs)
 
 
-def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype,
-                    stats: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, stats: dict[str, Any],
+                    on_shard: Callable[[], None] = lambda: None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every base tensor, merged where the adapter has a delta, in ``dtype``; ``on_shard()`` after each base
+    shard is read through (progress)."""
     delta = read_adapter(adapter_dir)
     merged = set()
     with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as lora:
@@ -88,6 +90,7 @@ def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype,
                         w = w.to(dtype)
                     stats["tensors"] = stats.get("tensors", 0) + 1
                     yield name, w.contiguous()
+            on_shard()
     missing = set(delta.pairs) - merged
     if missing:
         raise DataError(f"{adapter_dir}: adapter targets weights the base lacks ({sorted(missing)[0]}, ...); "
@@ -102,8 +105,9 @@ def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig) -> dict
     """
     dtype = _TORCH_DTYPES[cfg.export.dtype]
     stats: dict[str, Any] = {}
-    shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats), dest,
-                           shard_size=cfg.export.shard_size)
+    with progress.current().task("merge", total=len(_base_shards(base_dir)), unit="shard") as task:
+        shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats, task.advance), dest,
+                               shard_size=cfg.export.shard_size)
     config = json.loads((base_dir / "config.json").read_text())
     config["dtype"] = cfg.export.dtype
     config.pop("quantization_config", None)
@@ -140,10 +144,13 @@ def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: 
         device = "cuda" if free > 1.3 * fp32_bytes else "cpu"
     dtype = torch.float32
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+    # Both folders were checked to hold safetensors only; neither runs code of its own here.
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=False).to(device)
     reference = _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), dict(batch))
     del base
-    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True,
+                                                        trust_remote_code=False).to(device).eval()
     merged_logits = _logits(merged_model, dict(batch))
     del merged_model
     mask = batch["attention_mask"].cpu().bool()
@@ -159,8 +166,13 @@ def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: 
 
 
 def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
-               answers: dict[str, list[dict[str, str]]]) -> str:
-    """The merged model's README.md: what it is, where it came from, how it scored, and its limits."""
+               answers: dict[str, list[dict[str, str]]], *, loss_image: str | None = None,
+               loss_series: str | None = None) -> str:
+    """The merged model's README.md: what it is, where it came from, how it scored, and its limits.
+
+    ``loss_image`` (and ``loss_series``, the plotted numbers) name files beside the card
+    (:mod:`job.loss_curve`), shown under "Loss curve".
+    """
     base, data = lineage["base_model"], lineage["dataset"]
     lines = [
         "---", "license: apache-2.0", f"base_model: {base['uri'].removeprefix('hf://')}",
@@ -178,8 +190,14 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
         "## Metrics", "", "| metric | value |", "| --- | --- |",
     ]
     for key, value in metrics.items():
-        if isinstance(value, (int, float, str)) or value is None:
+        if isinstance(value, (int, float, str)) or (value is None and not key.startswith("benchmarks_")):
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if loss_image:
+        lines += ["", "## Loss curve", "", f"![Train and eval loss per step]({loss_image})", "",
+                  "Train loss at every logged step (`train.logging_steps`). Eval loss on the held-out rows is "
+                  "measured only before training (step 0) and after it (the last step): the two points."
+                  + (f" The plotted numbers are in [`{loss_series}`]({loss_series})." if loss_series else "")]
+    lines += benchmark_section(metrics.get("benchmarks_before") or {}, metrics.get("benchmarks_after") or {})
     lines += ["", "## Answers before and after fine-tuning (greedy)", ""]
     for before, after in zip(answers.get("before", []), answers.get("after", [])):
         lines += [f"**Question:** {before['question']}", "", "Before:", "", "```", before["output"].strip(), "```",
@@ -187,3 +205,25 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
     lines += ["## License", "", "Apache-2.0 for this adapter and card; the base model's own license applies to "
               "the merged weights.", ""]
     return "\n".join(lines)
+
+
+def benchmark_section(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The card's benchmark table: accuracy with its Wilson 95% interval before and after training, and the
+    questions scored; no lines when no benchmark was scored."""
+    from registry.compare import format_score
+
+    names = list(dict.fromkeys([*before, *after]))
+    if not names:
+        return []
+    lines = ["", "## Benchmarks (greedy, generative; accuracy [95% Wilson interval])", "",
+             "| benchmark | before | after | questions | hit token limit (after) |", "| --- | --- | --- | --- | --- |"]
+    for name in names:
+        b, a = before.get(name) or {}, after.get(name) or {}
+        scored = a.get("scored", b.get("scored", "-"))
+        hit = f"{a['hit_limit_share']:.1%}" if isinstance(a.get("hit_limit_share"), (int, float)) else "-"
+        lines.append(f"| {name} | {format_score(b)} | {format_score(a)} | {scored} | {hit} |")
+    limit = (after.get(names[0]) or before.get(names[0]) or {}).get("max_new_tokens")
+    if limit:
+        lines += ["", f"At most {limit} new tokens per answer; a subset, when limited, is the same seeded one for "
+                  "every model (`medft eval --limit`)."]
+    return lines

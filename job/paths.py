@@ -7,13 +7,18 @@ import importlib.util
 import os
 from pathlib import Path
 
-from registry.errors import NotFoundError
+from registry.errors import ConfigError, NotFoundError
 from registry.uris import parse_uri
 
 
 def cache_root() -> Path:
+    """``MEDFT_CACHE`` (default ``~/.cache/medft``), created; ConfigError naming the variable when it cannot be."""
     root = Path(os.environ.get("MEDFT_CACHE") or Path.home() / ".cache" / "medft")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"MEDFT_CACHE={str(root)!r} is (or lies under) a file, not a directory; point it at a "
+                          "directory") from None
     return root
 
 

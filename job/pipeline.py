@@ -9,12 +9,15 @@ from contextlib import contextmanager
 
 import click
 
-from job import data, evaluate, export, model, publish, train
-from job.backends import select_backend
+from job import data, evaluate, export, loss_curve, model, preflight, publish, train
+from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
 from job.config import load_config
-from job.lifecycle import Lease, Preemption, disk_full_is_transient
+from job.evals.in_job import load_job_benchmarks, score_job_benchmarks
+from job.lifecycle import FencedStore, Lease, Preemption, disk_full_is_transient
 from job.resolve import open_run, record_config
+from job.tokenizer import guard_texts, save_tokenizer
+from job.trackers import Trackers
 from registry.logs import get_logger
 from registry.records import Lineage, RunMetrics, RunRecord, dump
 
@@ -36,51 +39,79 @@ class StageClock:
         log.info("stage.end", stage=stage, seconds=self.seconds[stage])
 
 
+def _rounded(loss: float | None) -> str:
+    """A loss for people: three decimals (the logs and metrics keep every digit)."""
+    return "n/a" if loss is None else f"{loss:.3f}"
+
+
 def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = False) -> None:
     cfg = load_config(config_path, overrides)
     log.info("config.resolved", config=cfg.to_dict())
     run = open_run(cfg)
+    trackers = Trackers(cfg, run)  # train.report_to: refuses a tracker that is not installed (exit 2)
     model.check_weights_plan(cfg)
     if dry_run:
-        click.echo(cfg.to_yaml() + "\n" + run.plan())
+        if not unsloth_available():
+            select_backend(cfg)  # refuses model.backend=unsloth here as the real run does (nothing imported)
+        preflight.check(cfg)  # the same errors as the real run below
+        click.echo(cfg.to_yaml() + "\n" + run.describe())
         return
+    # The backend before the checks: unsloth patches transformers when imported, and the checks import it.
+    backend = select_backend(cfg)
+    targets_checked = preflight.check(cfg)
     stage, stop = StageClock(), Preemption()
-    with stop, Lease(run):
+    with stop, Lease(run) as lease, trackers:
+        run_store = FencedStore(run.run_store, lease)  # every write into the run: lease confirmed, create-only
+
+        def boundary(where: str) -> None:
+            stop.check(where)
+            lease.check(where)
+
         if run.published():
-            version = publish.register(run)
+            version = publish.register(run, lease)
             click.echo(f"run {run.run_id} was already published at {run.uri}; registered as "
                        f"{version.name}:{version.version}. Nothing new to do.")
             return
-        record_config(run)
+        record_config(run, run_store)
+        trackers.start(run_store)  # continues the tracker runs of an earlier life of this run
         with stage("pull"):
             rows, identity, data_report = data.load_rows(cfg)  # bad data fails here, before any weights move
+            model.check_base_tokenizer(cfg, rows)  # so does a tokenizer that loses text: its files alone are fetched
+            benchmark_suite = load_job_benchmarks(cfg)  # so do the benchmarks' questions (eval.benchmarks)
             weights = model.pull_weights(cfg.model.base, cfg.model.revision)
             merge_weights = model.pull_weights(cfg.model.merge_base, None) if cfg.model.merge_base else weights
-        stop.check("after pulling")
+            if not targets_checked:
+                preflight.check_target_modules(cfg, weights.path / "config.json")
+        boundary("after pulling")
         with stage("load"):
-            backend = select_backend(cfg)
             plan = backend.plan(cfg)
             log.info("backend.plan", backend=backend.name, **plan.__dict__)
             peft_model, tokenizer = backend.load(weights.path, cfg, plan)
             prepared = data.prepare(rows, tokenizer, cfg, report=data_report)
         with stage("eval_before"):
             before = evaluate.evaluate(peft_model, tokenizer, prepared.eval, cfg, "before")
+            benchmarks_before = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "before")
         with stage("train"):
             result = train.fit(cfg, backend, plan, peft_model, tokenizer, prepared, work_dir=run.work_dir / "trainer",
-                               checkpointer=Checkpointer(run.run_store), preemption=stop)
+                               checkpointer=Checkpointer(run_store), preemption=stop, lease=lease,
+                               report_to=trackers.report_to)
         with stage("eval_after"):
             after = evaluate.evaluate(backend.for_inference(peft_model), tokenizer, prepared.eval, cfg, "after")
-        stop.check("after training (the last checkpoint holds the trained adapter)")
+            benchmarks_after = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "after")
+        boundary("after training (the last checkpoint holds the trained adapter)")
         out = run.work_dir / "export"
         shutil.rmtree(out, ignore_errors=True)
         outputs = {"adapter": out / "adapter"}
         with stage("export"), disk_full_is_transient(out, "writing the adapter and merged weights"):
             peft_model.save_pretrained(outputs["adapter"])
-            tokenizer.save_pretrained(outputs["adapter"])
+            # Written so that plain AutoTokenizer (transformers, vLLM) rebuilds the ids training used.
+            probe = [text for _, text in guard_texts(prepared.used_rows[:2], cfg.data.template, tokenizer)]
+            save_tokenizer(tokenizer, outputs["adapter"], probe)
             del peft_model
             if cfg.export.merge:
                 outputs["merged"] = out / "merged"
                 export.merge(merge_weights.path, outputs["adapter"], outputs["merged"], cfg)
+                save_tokenizer(tokenizer, outputs["merged"], probe)  # over the base's copied tokenizer files
                 merge_check = export.check_merge(merge_weights.path, outputs["adapter"], outputs["merged"],
                                                  tokenizer, list(cfg.eval.questions[:2]) or ["Hello"],
                                                  cfg.export.merge_tolerance)
@@ -91,22 +122,28 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             peak_host_mem_gib=result.peak_host_mem_gib, resumed_from_step=result.resumed_from_step,
             merge_check=merge_check if cfg.export.merge else None, stage_seconds=stage.seconds,
             loss_history=result.loss_history, backend=backend.name, plan=plan.record(),
+            trackers=trackers.records(),
+            benchmarks_before=benchmarks_before, benchmarks_after=benchmarks_after,
         )
         lineage = Lineage(base_model=weights.lineage(), dataset=data.used_identity(identity, prepared).to_dict())
         answers = {"before": before["answers"], "after": after["answers"]}
-        card = export.model_card(cfg, dump(lineage), dump(metrics), answers)
+        card = export.model_card(cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
+                                 loss_series=loss_curve.SERIES)
         with disk_full_is_transient(out, "writing the model card"):
+            loss_curve.write(loss_curve.series(result.loss_history, before["eval_loss"], after["eval_loss"],
+                                               result.steps), outputs.values())
             for local in outputs.values():
                 (local / "README.md").write_text(card)
-        stop.check("before publishing")
+        boundary("before publishing")
         with stage("publish"):
             record = RunRecord(artifacts={k: k for k in outputs}, lineage=lineage, metrics=metrics,
                                data_report=prepared.report.to_dict(), answers=answers,
                                environment=publish.environment(), config=cfg.to_dict())
-            publish.publish(run, outputs, record)
-            version = publish.register(run)
+            publish.publish(run, outputs, record, lease)
+            version = publish.register(run, lease)
+        trackers.finish(record, version)
     log.info("run.done", run_id=run.run_id, uri=run.uri, version=version.version, stage_seconds=stage.seconds)
     click.echo(f"\nPublished run {run.run_id} to {run.uri}\n"
-               f"eval loss {before['eval_loss']} -> {after['eval_loss']}\n"
+               f"eval loss {_rounded(before['eval_loss'])} -> {_rounded(after['eval_loss'])}\n"
                f"Registered {version.name}:{version.version}. Look it up with:\n"
                f"  medft registry show {version.name}:{version.version} --store {cfg.output.store}")

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from job.lifecycle import Run
+from job.lifecycle import FencedStore, Lease, Run
 from registry.logs import get_logger
 from registry.records import RunRecord, dump
 from registry.registry import ModelVersion, Registry
@@ -39,34 +39,45 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def publish(run: Run, outputs: dict[str, Path], record: RunRecord) -> str:
+def publish(run: Run, outputs: dict[str, Path], record: RunRecord, lease: Lease) -> str:
     """Upload ``outputs`` (prefix -> local dir) plus config and metrics, then write the manifest.
 
-    Returns the run URI. Raises the store's errors; on failure nothing is published (no manifest).
+    ``record`` goes into MANIFEST.json as its JSON form (:func:`registry.records.dump`), its metrics into
+    metrics.json too.
+
+    Every write is fenced by ``lease`` (:class:`job.lifecycle.FencedStore`). Returns the run URI. Raises the
+    store's errors and LeaseLost; on failure nothing is published (no manifest).
     """
+    store = FencedStore(run.run_store, lease)
     infos = []
     for prefix, local in outputs.items():
-        uploaded = run.run_store.put_dir(prefix, local)
+        uploaded = store.put_dir(prefix, local)
         infos += uploaded
         log.info("publish.uploaded", artifact=prefix, files=len(uploaded),
                  bytes=sum(info.size for info in uploaded))
     # config.yaml was stored create-only when the run started (resolve.record_config); list it as it is.
     raw, _ = run.run_store.get_bytes("config.yaml")
     infos.append(ObjectInfo(key="config.yaml", size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), etag=None))
-    infos.append(run.run_store.put_bytes("metrics.json", json.dumps(dump(record.metrics), indent=2).encode()))
+    infos.append(store.put_bytes("metrics.json", json.dumps(dump(record.metrics), indent=2).encode()))
+    lease.confirm(f"before writing {run.run_store.url('MANIFEST.json')}")
     write_manifest(run.store, run.run_id, infos, dump(record))
     log.info("publish.manifest", uri=run.uri, files=len(infos))
     return run.uri
 
 
-def register(run: Run) -> ModelVersion:
-    """Register the published run under ``output.model_name`` once, with ``output.aliases``."""
+def register(run: Run, lease: Lease | None = None) -> ModelVersion:
+    """Register the published run under ``output.model_name`` once, with ``output.aliases``.
+
+    With ``lease``, only while it is still held (LeaseLost otherwise).
+    """
     registry = Registry.open(run.cfg.registry_uri)
     name = run.cfg.output.model_name
     existing = registry.find_by_run(name, run.run_id)
     if existing is not None:
         log.info("register.exists", name=name, version=existing.version)
         return existing
+    if lease is not None:
+        lease.confirm("before registering")
     mv = registry.register(name, run.uri, aliases=run.cfg.output.aliases)
     log.info("register.done", name=name, version=mv.version, aliases=list(run.cfg.output.aliases))
     return mv

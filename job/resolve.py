@@ -1,27 +1,27 @@
 """The resolve stage: run id, store and work dir, decided before any heavy work, and the config a run keeps.
 
-The run's lease (:mod:`job.lifecycle`) starts from the :class:`~job.lifecycle.Run` opened here.
+The run's lease and fenced writes (:mod:`job.lifecycle`) start from the :class:`~job.lifecycle.Run` opened here.
 """
 
 from __future__ import annotations
 
 import secrets
 from datetime import datetime, timezone
+from typing import Any
 
 import yaml
 
 from job.config import JobConfig
-from job.lifecycle import Run
+from job.lifecycle import Run, lease_seconds
 from job.paths import cache_root
-from registry.errors import ConfigError
-from registry.logs import get_logger
+from registry.errors import ConfigError, DataError
 from registry.runs import run_prefix
-from registry.store import PreconditionFailed, open_store
-
-log = get_logger(__name__)
+from registry.store import PreconditionFailed, Store, open_store
 
 #: Sections that define what is trained; a resumed run must keep them. Export and output may change.
 TRAINING_SECTIONS = ("model", "data", "lora", "train")
+#: Keys inside them that change what is reported, not what is trained: a resumed run may change them.
+NOT_TRAINING = {("train", "report_to")}
 
 
 def new_run_id(cfg: JobConfig) -> str:
@@ -29,31 +29,54 @@ def new_run_id(cfg: JobConfig) -> str:
     return f"{cfg.output.model_name}-{stamp}-{secrets.token_hex(3)}"
 
 
-
 def open_run(cfg: JobConfig) -> Run:
-    """Fix the run id and open the store (no network call). Raises ConfigError for a bad store URI."""
+    """Fix the run id and open the store (no network call).
+
+    Raises ConfigError for a bad store URI or MEDFT_LEASE_SECONDS (checked here so --dry-run shows it too).
+    """
+    lease_seconds()
     run_id = cfg.output.run_id or new_run_id(cfg)
     store = open_store(cfg.output.store)
     work_dir = cache_root() / "work" / run_id
     return Run(cfg=cfg, run_id=run_id, store=store, run_store=store.child(run_prefix(run_id)), work_dir=work_dir)
 
 
-def record_config(run: Run) -> None:
-    """Store the resolved config with the run; a restart must train the same thing.
+def record_config(run: Run, store: Store | None = None) -> None:
+    """Store the resolved config with the run (through ``store``, the run's fenced store, when given); a
+    restart must train the same thing.
 
-    Raises ConfigError naming the first differing key when the run was started with another config.
+    Raises ConfigError naming the first differing key when the run was started with another config,
+    DataError when the stored one is corrupt.
     """
     text = run.cfg.to_yaml().encode()
     try:
-        run.run_store.put_bytes("config.yaml", text, if_absent=True)
+        (store or run.run_store).put_bytes("config.yaml", text, if_absent=True)
         return
     except PreconditionFailed:
         pass
-    stored = yaml.safe_load(run.run_store.get_bytes("config.yaml")[0])
+    stored = _stored_config(run)
     current = run.cfg.to_dict()
     for section in TRAINING_SECTIONS:
         for key, value in current[section].items():
-            old = stored.get(section, {}).get(key)
+            if (section, key) in NOT_TRAINING:
+                continue
+            old = stored[section].get(key)
             if old != value and not (isinstance(old, list) and tuple(old) == tuple(value or ())):
                 raise ConfigError(f"{section}.{key}: run {run.run_id} was started with {old!r}, not {value!r}; "
                                   "keep the original config to resume, or set a new output.run_id")
+
+
+def _stored_config(run: Run) -> dict[str, Any]:
+    """The run's stored config.yaml as a mapping of sections; DataError (exit 3) naming it when corrupt."""
+    where = run.run_store.url("config.yaml")
+    try:
+        stored = yaml.safe_load(run.run_store.get_bytes("config.yaml")[0])
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); the run's stored config is "
+                        "corrupt: restore it, or set a new output.run_id") from None
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(s, {}), dict) for s in TRAINING_SECTIONS):
+        raise DataError(f"{where} is not a mapping of config sections; the run's stored config is corrupt: "
+                        "restore it, or set a new output.run_id")
+    return {section: stored.get(section) or {} for section in TRAINING_SECTIONS}
+
+

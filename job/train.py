@@ -19,13 +19,15 @@ from job.backends import TrainingBackend, TrainPlan
 from job.checkpoints import Checkpointer
 from job.config import JobConfig
 from job.data import PreparedData
-from job.lifecycle import Preemption, disk_full_is_transient
+from job.lifecycle import Lease, Preemption, disk_full_is_transient
+from registry import progress
 from registry.errors import DataError
 from registry.logs import get_logger
 
 log = get_logger(__name__)
 
 KEEP_LOCAL = 2  # trainer checkpoints kept on local disk; the store keeps its own
+
 
 @dataclass
 class TrainResult:
@@ -39,9 +41,6 @@ class TrainResult:
     wall_s: float
     resumed_from_step: int | None
     loss_history: list[dict[str, float]] = field(default_factory=list)
-
-
-
 
 
 def to_trainer_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
@@ -74,11 +73,48 @@ class TrainCollator:
         return batch
 
 
-def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None) -> list[Any]:
+def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None, lease: Lease | None = None,
+               collator: TrainCollator | None = None) -> list[Any]:
     from transformers import TrainerCallback
+
+    class _ProgressBar(TrainerCallback):
+        """Step, loss, tokens/s and ETA as a bar (:mod:`registry.progress`: on a terminal only). A resumed run's
+        bar starts at its checkpoint's step, and the rate and ETA count this process's steps alone."""
+
+        def __init__(self) -> None:
+            self.task: progress.Task | None = None
+            self.step, self.tokens, self.start = 0, 0, 0.0
+            self.fields: dict[str, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.step, self.start = state.global_step, time.perf_counter()
+            self.tokens = collator.tokens if collator is not None else 0
+            self.task = progress.current().task("train", total=state.max_steps, unit="step", done=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.task is None:
+                return
+            self.task.advance(state.global_step - self.step)
+            self.step = state.global_step
+            elapsed = time.perf_counter() - self.start
+            if collator is not None and elapsed > 0:
+                self.fields["tokens_per_s"] = (collator.tokens - self.tokens) / elapsed
+            self.task.set_fields(**self.fields)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.task is not None and logs and "loss" in logs:
+                self.fields = {"loss": float(logs["loss"]), **{k: v for k, v in self.fields.items() if k != "loss"}}
+                self.task.set_fields(**self.fields)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.task is not None:
+                self.task.close()
+                self.task = None
 
     class _Checkpointing(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if lease is not None:  # another job owns the run now: stop here, without saving anything
+                lease.check(f"at step {state.global_step}")
             if preemption.requested or state.global_step >= state.max_steps:
                 control.should_save = True  # the last step is saved so a later crash never retrains
             if preemption.requested:
@@ -98,7 +134,7 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None) -> lis
                 log.info("train.progress", step=state.global_step, max_steps=state.max_steps,
                          loss=round(float(logs["loss"]), 4), lr=logs.get("learning_rate"))
 
-    return [_Checkpointing()]
+    return [_Checkpointing(), _ProgressBar()]
 
 
 def _already_finished(model: Any, resume_dir: Path, step: int) -> TrainResult | None:
@@ -132,11 +168,16 @@ def _already_finished(model: Any, resume_dir: Path, step: int) -> TrainResult | 
 
 def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, tokenizer: Any,
         data: PreparedData, *, work_dir: Path, checkpointer: Checkpointer | None = None,
-        preemption: Preemption | None = None) -> TrainResult:
+        preemption: Preemption | None = None, lease: Lease | None = None,
+        report_to: list[str] | None = None) -> TrainResult:
     """Train ``model`` (a PeftModel) in place on ``data.train``.
 
+    ``report_to``: the trackers whose transformers integrations log the curves (their runs are already open,
+    :class:`job.trackers.Trackers`).
+
     Resumes from ``checkpointer``'s latest complete checkpoint when there is one. Raises Preempted (exit 143)
-    after saving a checkpoint when SIGTERM arrives, ConfigError/DataError when a checkpoint cannot be resumed.
+    after saving a checkpoint when SIGTERM arrives, LeaseLost (exit 75) without saving at the first step
+    boundary after ``lease`` was lost, ConfigError/DataError when a checkpoint cannot be resumed.
     """
     import datasets
 
@@ -149,12 +190,12 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         if (finished := _already_finished(model, resume_dir, ref.step)) is not None:
             log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
             return finished
-    args = _sft_config(cfg, backend, plan, work_dir)
+    args = _sft_config(cfg, backend, plan, work_dir, report_to or [])
     collator = TrainCollator(tokenizer.pad_token_id, padding_free=plan.packing)
     trainer = backend.trainer_class()(
         model=model, args=args, processing_class=tokenizer, data_collator=collator,
         train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),
-        callbacks=_callbacks(preemption, checkpointer))
+        callbacks=_callbacks(preemption, checkpointer, lease, collator))
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; train.progress logs instead
@@ -164,14 +205,14 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     start = time.perf_counter()
     with preemption, disk_full_is_transient(work_dir, "saving a checkpoint"):
         output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
-    wall = time.perf_counter() - start
-    result = _result(trainer, output, collator, wall, resumed_from)
+    result = _result(trainer, output, collator, time.perf_counter() - start, resumed_from)
     log.info("train.done", steps=result.steps, loss=result.train_loss, tokens_per_s=round(result.tokens_per_s, 1))
     preemption.check(f"at step {result.steps} (checkpoint saved)")
     return result
 
 
-def _sft_config(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, work_dir: Path) -> Any:
+def _sft_config(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, work_dir: Path,
+                report_to: list[str] | None = None) -> Any:
     """TRL's ``SFTConfig`` for this run: the config's schedule, the plan's batch shape, the backend's extras."""
     from trl import SFTConfig
 
@@ -194,7 +235,7 @@ def _sft_config(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, work_
         save_strategy="steps",
         save_steps=cfg.train.checkpoint_every,
         save_total_limit=KEEP_LOCAL,
-        report_to="none",
+        report_to=report_to or "none",
         disable_tqdm=True,
         max_length=cfg.model.max_seq_length,
         packing=False,  # TRL's packing bin-packs rows up to max_length, which would change what batch_size means
@@ -221,3 +262,4 @@ def _result(trainer: Any, output: Any, collator: TrainCollator, wall: float, res
         resumed_from_step=resumed_from,
         loss_history=[{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
     )
+

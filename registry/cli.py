@@ -1,4 +1,4 @@
-"""``medft registry ...``: look up, register, alias and download model versions.
+"""``medft registry ...``: look up, register, alias, download and push (to the Hugging Face Hub) model versions.
 
 ``--store`` defaults to ``$MEDFT_STORE``, else ``./medft-store``; the registry lives at ``<store>/registry``
 unless ``--registry`` (or ``$MEDFT_REGISTRY``) names another URI. Output is a table, or JSON with
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import click
 
-from registry.names import DEFAULT_STORE
+from registry.names import ARTIFACTS, DEFAULT_STORE
 from registry.registry import ModelVersion, Registry
 from registry.store import Store, open_store
 
@@ -59,7 +60,7 @@ def _base(mv: ModelVersion) -> str:
 
 @click.group("registry")
 def registry_group() -> None:
-    """Find, register, alias and download model versions (refs: NAME, NAME:VERSION, NAME@ALIAS)."""
+    """Find, register, alias, download and push model versions (refs: NAME, NAME:VERSION, NAME@ALIAS)."""
 
 
 @registry_group.command("list")
@@ -90,6 +91,8 @@ def _show_text(mv: ModelVersion) -> str:
         lines.append(f"  description  {mv.description}")
     for art, spec in sorted(mv.artifacts.items()):
         lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
+    for p in mv.pushes:
+        lines.append(f"  pushed       hf://{p.repo}@{p.revision}  commit {p.commit}  ({p.artifact}, {p.pushed_at})")
     for title, d in (("base model", mv.base_model), ("dataset", mv.dataset), ("metrics", mv.metrics),
                      ("environment", mv.environment), ("tags", mv.tags)):
         if d:
@@ -110,7 +113,7 @@ def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool) 
     click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json else _show_text(mv))
 
 
-ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(["merged", "adapter"]), default="merged",
+ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged",
                                show_default=True, help="Which artifact.")
 
 
@@ -156,26 +159,76 @@ def register_cmd(name: str, run_uri: str, aliases: tuple[str, ...], tags: tuple[
                                                            if mv.aliases else "") + f" from {mv.run_uri}")
 
 
-@registry_group.command("alias")
-@click.argument("name")
-@click.argument("version", type=click.IntRange(min=1))
-@click.argument("alias")
-@click.option("--delete", is_flag=True, help="Remove the alias (it must point at VERSION).")
-@store_options
-def alias_cmd(name: str, version: int, alias: str, delete: bool, store_uri: str, registry_uri: str | None) -> None:
-    """Point NAME@ALIAS at VERSION, or remove it with --delete."""
+def _version_and_alias(first: str, second: str) -> tuple[int, str]:
+    """VERSION ALIAS or ALIAS VERSION (an alias is never all digits, so the order is unambiguous)."""
     from registry.errors import ConfigError
 
+    for version, alias in ((first, second), (second, first)):
+        if version.isdigit() and not alias.isdigit():
+            if int(version) < 1:
+                break
+            return int(version), alias
+    raise ConfigError(f"give a version number (1, 2, ...) and an alias name, got {first!r} and {second!r}")
+
+
+@registry_group.command("alias")
+@click.argument("name")
+@click.argument("version_or_alias", metavar="VERSION")
+@click.argument("alias_or_version", metavar="ALIAS")
+@click.option("--delete", is_flag=True, help="Remove the alias (it must point at VERSION).")
+@click.option("--require", "require", multiple=True, metavar="BENCHMARK",
+              help="Move only if VERSION has a score on BENCHMARK (metrics.benchmarks_after) no lower than the "
+                   "version the alias points at now (repeatable, or comma-separated).")
+@click.option("--force", is_flag=True, help="Move past a --require refusal; the override is recorded in "
+              "the model's aliases.json (gate_overrides).")
+@store_options
+def alias_cmd(name: str, version_or_alias: str, alias_or_version: str, delete: bool, require: tuple[str, ...],
+              force: bool, store_uri: str, registry_uri: str | None) -> None:
+    """Point NAME@ALIAS at VERSION, or remove it with --delete. VERSION and ALIAS may come in either order.
+
+    \b
+    With --require medqa the move is refused (exit 2, nothing changed) when VERSION has no medqa score or
+    scores lower than the version ALIAS points at now; the check and the move are one compare-and-swap.
+    """
+    from registry.errors import ConfigError
+
+    version, alias = _version_and_alias(version_or_alias, alias_or_version)
+    names = tuple(dict.fromkeys(n.strip().lower() for item in require for n in item.split(",") if n.strip()))
+    if force and not names:
+        raise ConfigError("--force overrides a --require refusal; give --require BENCHMARK too")
     _, reg = _open(store_uri, registry_uri)
     if delete:
+        if names:
+            raise ConfigError("--require gates a move; it does not apply to --delete")
         current = reg.get(f"{name}@{alias}")
         if current.version != version:
             raise ConfigError(f"{name}@{alias} points at version {current.version}, not {version}; nothing deleted")
         reg.delete_alias(name, alias)
         click.echo(f"deleted {name}@{alias} (was version {version})")
-    else:
-        reg.set_alias(name, version, alias)
-        click.echo(f"{name}@{alias} -> {name}:{version}")
+        return
+    before = len(reg.gate_overrides(name)) if force else 0
+    reg.set_alias(name, version, alias, require=names, force=force)
+    overrides = reg.gate_overrides(name) if force else []
+    forced = [o for o in overrides[before:] if o.get("alias") == alias and o.get("version") == version]
+    click.echo(f"{name}@{alias} -> {name}:{version}" + (
+        f" (forced past: {forced[-1]['refusal']}; recorded in aliases.json gate_overrides)" if forced else ""))
+
+
+@registry_group.command("compare")
+@click.argument("refs", nargs=-1, required=True)
+@store_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+    """Versions side by side: benchmark accuracy with 95% intervals, eval loss, data, base model and the
+    config settings that differ. REF as for show (two or more)."""
+    from registry.compare import comparison, comparison_text
+    from registry.errors import ConfigError
+
+    if len(refs) < 2:
+        raise ConfigError("compare needs two or more refs, e.g. medft registry compare NAME:6 NAME:7")
+    _, reg = _open(store_uri, registry_uri)
+    versions = [reg.get(ref) for ref in refs]
+    click.echo(json.dumps(comparison(versions), indent=2, default=str) if as_json else comparison_text(versions))
 
 
 @registry_group.command("download")
@@ -188,3 +241,31 @@ def download_cmd(ref: str, dest: str, artifact: str, store_uri: str, registry_ur
     _, reg = _open(store_uri, registry_uri)
     path = reg.download(ref, dest, artifact)
     click.echo(str(path))
+
+
+@registry_group.command("push")
+@click.argument("ref")
+@click.argument("target", metavar="hf://ORG/NAME")
+@ARTIFACT_OPTION
+@click.option("--create", is_flag=True, help="Create the Hub repo if it does not exist.")
+@click.option("--private", is_flag=True, help="With --create: make the new repo private.")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="Commit to this branch (created from main if missing) [default: main].")
+@store_options
+@click.option("--json", "as_json", is_flag=True, help="Print the push record as JSON.")
+def push_cmd(ref: str, target: str, artifact: str, create: bool, private: bool, revision: str | None,
+             store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+    """Upload a model version's artifact (with its model card) to a Hugging Face Hub repo in one commit.
+
+    Needs HF_TOKEN in the environment (a token with write access). The repo, branch and commit are recorded
+    in the version (see `registry show`).
+    """
+    from registry.push import push
+
+    _, reg = _open(store_uri, registry_uri)
+    mv, record = push(reg, ref, target, artifact=artifact, create=create, private=private, revision=revision)
+    if as_json:
+        _echo_json({"ref": mv.ref, **asdict(record)})
+    else:
+        click.echo(f"pushed {mv.ref} ({artifact}) to hf://{record.repo}@{record.revision}: commit {record.commit} "
+                   f"{record.url}")

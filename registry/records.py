@@ -80,6 +80,39 @@ class TrainPlanRecord(_Record):
     reasons: dict[str, str] | None = None
 
 
+class TrackerRun(_Record):
+    """One experiment tracker's run for a training run (``train.report_to``): where to find it, or why not."""
+
+    status: str | None = None  # "logged", or "skipped" when the tracker was down or failed
+    run_id: str | None = None
+    url: str | None = None
+    reason: str | None = None  # why it was skipped
+
+
+class BenchmarkScore(_Record):
+    """One benchmark's score as recorded (:class:`job.evals.scoring.BenchmarkResult` plus what it was scored
+    on): accuracy with its Wilson 95% ``interval`` ([low, high]), ``correct`` of ``scored`` questions, the
+    shares with no extractable answer and that hit the token limit, the median reasoning length, and the
+    questions' identity (source, revision, rows read, limit, seed, content hash) and ``max_new_tokens``."""
+
+    benchmark: str | None = None
+    accuracy: Number | None = None
+    interval: list[Number] | None = None
+    correct: int | None = None
+    scored: int | None = None
+    no_answer_share: Number | None = None
+    hit_limit_share: Number | None = None
+    median_reasoning_tokens: Number | None = None
+    source: str | None = None
+    revision: str | None = None
+    rows: int | None = None
+    limit: int | None = None
+    seed: int | None = None
+    content_sha256: str | None = None
+    max_new_tokens: int | None = None
+    seconds: Number | None = None
+
+
 class RunMetrics(_Record):
     """What the pipeline measured: losses, throughput, memory, stage times, and the plan it trained with."""
 
@@ -97,6 +130,10 @@ class RunMetrics(_Record):
     loss_history: list[dict[str, Any]] | None = None
     backend: str | None = None
     plan: TrainPlanRecord | None = None
+    trackers: dict[str, TrackerRun] | None = None  # train.report_to: each tracker's run id and URL, or skipped
+    # Benchmark accuracy (eval.benchmarks), by benchmark name, before and after training.
+    benchmarks_before: dict[str, BenchmarkScore] | None = None
+    benchmarks_after: dict[str, BenchmarkScore] | None = None
 
 
 class RunRecord(_Record):

@@ -5,6 +5,9 @@ Layout under the registry URI (by default ``<store>/registry``)::
     models/<name>/versions/<n>.json    one immutable record per version, created with put_if_absent
     models/<name>/aliases.json         {"aliases": {alias: version}}, moved with compare-and-swap
 
+A version record never changes after it is created, except its ``pushes`` list (where the version was shared
+on the Hugging Face Hub), which :meth:`Registry.record_push` appends to with compare-and-swap.
+
 Concurrent registrations of one name each try ``max + 1`` create-only and, on losing, the next number, so
 they get distinct versions 1, 2, 3... with no gaps or duplicates. ``latest`` is implicit: the highest
 version. References: ``NAME`` (latest), ``NAME:VERSION``, ``NAME@ALIAS``.
@@ -20,7 +23,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +31,9 @@ from typing import Any
 
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
 from registry.names import ARTIFACTS, NAME, NAME_RE
-from registry.runs import MANIFEST, read_manifest, run_store, verify_run
-from registry.store import BucketNotFound, PreconditionFailed, Store, open_store
+from registry.records import RunRecord, dump, parse_record
+from registry.runs import MANIFEST, manifest_record, read_manifest, run_store, verify_run
+from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
 
 FORMAT = 1
 _REF_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{NAME}))?$")
@@ -91,14 +95,24 @@ class ModelVersion:
     aliases: tuple[str, ...] = ()
     """Live view from aliases.json; not stored in the version record."""
     description: str | None = None
+    pushes: tuple[HubPush, ...] = ()
+    """Where this version was shared on the Hub, oldest first (records older than pushes have none)."""
 
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
+    def run_record(self) -> RunRecord:
+        """The run's record as registered: lineage, metrics, config and environment, typed.
+
+        The record was checked when this version was read (:meth:`from_dict`); DataError if it was not.
+        """
+        return _run_record(asdict(self), self.ref)
+
     def to_dict(self, *, with_aliases: bool = True) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
+        d["pushes"] = [asdict(p) for p in self.pushes]
         if not with_aliases:
             del d["aliases"]
         return {"format": FORMAT, **d}
@@ -115,11 +129,18 @@ class ModelVersion:
         if not isinstance(d["artifacts"], dict):
             raise DataError(f"{source}: field 'artifacts' must be an object")
         for art, spec in d["artifacts"].items():
-            if not isinstance(spec, dict) or "uri" not in spec or not isinstance(spec.get("files"), dict):
+            if (not isinstance(spec, dict) or not isinstance(spec.get("uri"), str)
+                    or not isinstance(spec.get("files"), dict)):
                 raise DataError(f"{source}: artifact {art!r} needs a 'uri' and a 'files' object")
+            for rel, sha in spec["files"].items():
+                if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+                    raise DataError(f"{source}: artifact {art!r} file {rel!r} needs a hex sha256, got {sha!r}")
         for name in ("base_model", "dataset", "config", "metrics", "environment", "tags"):
             if d.get(name) is not None and not isinstance(d[name], dict):
                 raise DataError(f"{source}: field {name!r} must be an object")
+        _run_record(d, source)  # the fields copied from the run's record have their types
+        if not isinstance(d.get("pushes") or [], list):
+            raise DataError(f"{source}: field 'pushes' must be a list")
         return cls(
             name=str(d["name"]), version=d["version"], created_at=str(d["created_at"]), run_id=str(d["run_id"]),
             run_uri=str(d["run_uri"]), artifacts=d["artifacts"], base_model=d.get("base_model") or {},
@@ -127,7 +148,44 @@ class ModelVersion:
             environment=d.get("environment") or {}, tags=d.get("tags") or {},
             aliases=tuple(sorted(aliases if aliases is not None else (d.get("aliases") or ()))),
             description=d.get("description"),
+            pushes=tuple(HubPush.from_dict(p, source) for p in d.get("pushes") or []),
         )
+
+
+_PUSH_FIELDS = ("repo", "revision", "commit", "url", "artifact", "pushed_at")
+
+
+@dataclass(frozen=True)
+class HubPush:
+    """One ``medft registry push`` of a version's artifact to a Hugging Face Hub repo (see registry/push.py)."""
+
+    repo: str
+    """``org/name`` on the Hub."""
+    revision: str
+    """The branch the commit went to."""
+    commit: str
+    """The commit's 40-hex sha on that branch."""
+    url: str
+    artifact: str
+    pushed_at: str
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> HubPush:
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in _PUSH_FIELDS):
+            raise DataError(f"{source}: each entry of 'pushes' needs the strings {', '.join(_PUSH_FIELDS)}")
+        if not re.fullmatch(r"[0-9a-f]{40}", d["commit"]):
+            raise DataError(f"{source}: push commit must be a 40-hex sha, got {d['commit']!r}")
+        return cls(**{k: d[k] for k in _PUSH_FIELDS})
+
+
+def _user() -> str | None:
+    """Who forced an alias move, as the operating system names them (best effort)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
 
 
 def _jitter(attempt: int) -> None:
@@ -177,21 +235,33 @@ class Registry:
         return sorted(names)
 
     def _aliases(self, name: str) -> tuple[dict[str, int], str | None]:
+        aliases, _, etag = self._alias_doc(name)
+        return aliases, etag
+
+    def _alias_doc(self, name: str) -> tuple[dict[str, int], list[dict[str, Any]], str | None]:
+        """(aliases, gate overrides recorded so far, etag) of ``aliases.json``; empty and None when absent."""
         key = self._aliases_key(name)
         try:
             data, etag = self.store.get_bytes(key)
         except BucketNotFound:
             raise
         except NotFoundError:
-            return {}, None
+            return {}, [], None
         try:
             doc = json.loads(data)
             aliases = doc["aliases"]
             if not isinstance(aliases, dict) or not all(isinstance(v, int) for v in aliases.values()):
                 raise ValueError("'aliases' must map alias -> integer version")
+            overrides = doc.get("gate_overrides") or []
+            if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
+                raise ValueError("'gate_overrides' must be a list of objects")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{self.store.url(key)} is corrupt ({e}); fix or delete it") from None
-        return dict(aliases), etag
+        return dict(aliases), list(overrides), etag
+
+    def gate_overrides(self, name: str) -> list[dict[str, Any]]:
+        """Every alias move forced past the benchmark gate (``--force``), oldest first."""
+        return self._alias_doc(check_name(name))[1]
 
     def _read(self, name: str, version: int, aliases: dict[str, int] | None = None) -> ModelVersion:
         key = self._version_key(name, version)
@@ -254,6 +324,7 @@ class Registry:
         return None
 
     def artifact_uri(self, ref: str, artifact: str = "merged") -> str:
+        """The URI of ``ref``'s ``artifact`` (``medft registry resolve``); NotFoundError when it has none."""
         return self._artifact(self.get(ref), artifact)["uri"]
 
     def _artifact(self, mv: ModelVersion, artifact: str) -> dict[str, Any]:
@@ -263,12 +334,17 @@ class Registry:
         return mv.artifacts[artifact]
 
     def download(self, ref: str, dest: str | Path, artifact: str = "merged") -> Path:
-        """Fetch an artifact's files into ``dest``, each verified against its recorded sha256."""
+        """Fetch an artifact's files into ``dest``, each verified against its recorded sha256.
+
+        Raises ConfigError when ``dest`` is (or lies under) a file, DataError when a file fails its sha256;
+        a failed download leaves none of its files behind.
+        """
+        dest = Path(dest)
+        check_local_dir(dest, "download destination")
         mv = self.get(ref)
         art = self._artifact(mv, artifact)
-        src = open_store(art["uri"], transfer=getattr(self.store, "transfer", None))
-        dest = Path(dest)
-        src.get_dir("", dest, expected=art["files"])
+        src = open_store(art["uri"], transfer=self.store.transfer)
+        src.get_dir("", dest, expected=art["files"])  # all or nothing: a failure removes what it wrote
         return dest
 
     # writes ----------------------------------------------------------------------------------------
@@ -286,14 +362,12 @@ class Registry:
         rs, _ = run_store(store, run_uri)
         verify_run(store, run_uri, manifest=manifest)
         artifacts = artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
-        lineage = manifest.get("lineage") or {}
+        record = manifest_record(manifest, rs.url(MANIFEST))
         base = {
             "name": name, "created_at": _now(), "run_id": manifest["run_id"], "run_uri": rs.uri,
-            "artifacts": artifacts,
-            "base_model": lineage.get("base_model") or manifest.get("base_model") or {},
-            "dataset": lineage.get("dataset") or manifest.get("dataset") or {},
-            "config": manifest.get("config") or {}, "metrics": manifest.get("metrics") or {},
-            "environment": manifest.get("environment") or {}, "tags": tags, "description": description,
+            "artifacts": artifacts, "base_model": dump(record.base_model_lineage),
+            "dataset": dump(record.dataset_lineage), "config": record.config, "metrics": dump(record.metrics),
+            "environment": record.environment, "tags": tags, "description": description,
         }
         versions = self._versions(name)
         version = (versions[-1] if versions else 0) + 1
@@ -313,12 +387,19 @@ class Registry:
             self.set_alias(name, version, alias)
         return self.get(f"{name}:{version}")
 
-    def _cas_aliases(self, name: str, change: Any) -> dict[str, int]:
+    def _cas_aliases(self, name: str, change: Callable[[dict[str, int]], tuple[dict[str, int], dict[str, Any] | None]]
+                     ) -> dict[str, int]:
+        """Apply ``change`` to the current aliases and write the result with compare-and-swap, re-reading and
+        re-applying it when a concurrent update won. ``change`` returns the new aliases and, for a move forced
+        past the gate, the override to record beside them (in the same write)."""
         key = self._aliases_key(name)
         for attempt in range(_CAS_ATTEMPTS):
-            current, etag = self._aliases(name)
-            new = change(dict(current))
-            doc = {"format": FORMAT, "name": name, "aliases": dict(sorted(new.items())), "updated_at": _now()}
+            current, overrides, etag = self._alias_doc(name)
+            new, override = change(dict(current))
+            doc: dict[str, Any] = {"format": FORMAT, "name": name, "aliases": dict(sorted(new.items())),
+                                   "updated_at": _now()}
+            if overrides or override:
+                doc["gate_overrides"] = [*overrides, *([override] if override else [])]
             data = (json.dumps(doc, indent=2) + "\n").encode()
             try:
                 if etag is None:
@@ -330,32 +411,87 @@ class Registry:
                 _jitter(attempt)  # a concurrent update won: re-read and apply ours on top of it
         raise ConflictError(f"could not update aliases of {name}: {_CAS_ATTEMPTS} concurrent updates won; retry")
 
-    def set_alias(self, name: str, version: int, alias: str) -> ModelVersion:
-        """Point ``name@alias`` at ``version`` (compare-and-swap, retried on a concurrent update)."""
+    def set_alias(self, name: str, version: int, alias: str, *, require: Sequence[str] = (),
+                  force: bool = False) -> ModelVersion:
+        """Point ``name@alias`` at ``version`` (compare-and-swap, retried on a concurrent update).
+
+        ``require``: benchmark names gating the move (:func:`registry.compare.gate_refusal`): refused with
+        ConfigError (exit 2, nothing written) when ``version`` has no score on one, or scores lower than the
+        version the alias points at when the swap is made (checked again on every CAS attempt, so a concurrent
+        move is gated too). ``force`` moves it anyway and records the override, with the refusal it overrode,
+        in ``aliases.json`` (``gate_overrides``) in the same write.
+        """
+        from registry.compare import gate_refusal
+
         check_name(name)
         check_alias(alias)
         version = int(version)
         if version < 1 or not self.store.exists(self._version_key(name, version)):
             raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}")
+        require = tuple(require)
+        candidate = self._read(name, version, {}) if require else None
 
-        def change(aliases: dict[str, int]) -> dict[str, int]:
+        def change(aliases: dict[str, int]) -> tuple[dict[str, int], dict[str, Any] | None]:
+            override = None
+            if candidate is not None:
+                previous = aliases.get(alias)
+                current = self._read(name, previous, {}) if previous is not None and previous != version else None
+                refusal = gate_refusal(candidate, current, require, alias)
+                if refusal is not None and not force:
+                    raise ConfigError(f"refused to move {name}@{alias}: {refusal}; nothing changed")
+                if refusal is not None:
+                    override = {"alias": alias, "version": version, "previous": previous, "require": list(require),
+                                "refusal": refusal, "at": _now(), "by": _user()}
             aliases[alias] = version
-            return aliases
+            return aliases, override
 
         self._cas_aliases(name, change)
         return self.get(f"{name}:{version}")
+
+    def record_push(self, name: str, version: int, push: HubPush) -> ModelVersion:
+        """Append ``push`` to the ``pushes`` of ``name:version`` (compare-and-swap on the record, retried on a
+        concurrent update; every other field is written back as read). NotFoundError when the version is gone."""
+        key = self._version_key(check_name(name), int(version))
+        for attempt in range(_CAS_ATTEMPTS):
+            try:
+                data, etag = self.store.get_bytes(key)
+            except BucketNotFound:
+                raise
+            except NotFoundError:
+                raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}") from None
+            try:
+                doc = json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{self.store.url(key)} is not valid JSON ({e}); the registry record is corrupt") from None
+            ModelVersion.from_dict(doc, source=self.store.url(key))  # refuse to extend a corrupt record
+            doc["pushes"] = [*(doc.get("pushes") or []), asdict(push)]
+            try:
+                self.store.put_bytes(key, (json.dumps(doc, indent=2) + "\n").encode(), if_match=etag)
+                return self.get(f"{name}:{version}")
+            except PreconditionFailed:
+                _jitter(attempt)  # another push landed first: re-read and append ours after it
+        raise ConflictError(f"could not record the push of {name}:{version}: {_CAS_ATTEMPTS} concurrent updates "
+                            f"won; retry")
 
     def delete_alias(self, name: str, alias: str) -> None:
         check_name(name)
         check_name(alias, "alias")
 
-        def change(aliases: dict[str, int]) -> dict[str, int]:
+        def change(aliases: dict[str, int]) -> tuple[dict[str, int], None]:
             if alias not in aliases:
                 raise NotFoundError(f"model ref '{name}@{alias}' not found: no such alias in registry {self.uri}")
             del aliases[alias]
-            return aliases
+            return aliases, None
 
         self._cas_aliases(name, change)
+
+
+def _run_record(d: dict[str, Any], source: str) -> RunRecord:
+    """The run record inside a registry record ``d`` (its lineage is flattened into base_model, dataset)."""
+    return parse_record(RunRecord, {
+        "lineage": {"base_model": d.get("base_model"), "dataset": d.get("dataset")},
+        "metrics": d.get("metrics"), "config": d.get("config"), "environment": d.get("environment"),
+    }, source, "the registry record is corrupt")
 
 
 def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, DataError, NotFoundError
-from registry.names import NAME_RE
+from registry.names import ARTIFACTS, NAME_RE
 from registry.records import RunRecord, parse_record
 from registry.store import (
     BucketNotFound,
@@ -38,7 +38,7 @@ FORMAT = 1
 RUNS = "runs"
 _RESERVED = ("format", "run_id", "created_at", "files")
 REQUIRED_FIELDS = ("format", "run_id", "created_at", "files")
-DEFAULT_ARTIFACTS = {"adapter": "adapter", "merged": "merged"}
+DEFAULT_ARTIFACTS = {name: name for name in sorted(ARTIFACTS)}  # adapter, merged
 
 
 def check_run_id(run_id: str) -> str:
@@ -63,7 +63,7 @@ def run_store(store: Store | None, run_uri_or_id: str) -> tuple[Store, str]:
         raise ConfigError("run URI or id is empty")
     ref = run_uri_or_id.strip().rstrip("/")
     if is_location(ref):
-        rs = open_store(ref, transfer=getattr(store, "transfer", None))
+        rs = open_store(ref, transfer=store.transfer if store is not None else None)
         return rs, rs.uri
     if store is None:
         raise ConfigError(f"run {ref!r} is a bare run id; give its folder URI (e.g. s3://bucket/prefix/runs/{ref})")
@@ -86,6 +86,8 @@ def manifest_files(files: list[ObjectInfo], run_id: str) -> dict[str, dict[str, 
         if not f.sha256:
             raise DataError(f"no sha256 for {f.key}: every file in a manifest needs one (upload it with put_file)")
         out[rel] = {"size": int(f.size), "sha256": f.sha256}
+        if f.checksum:  # S3's own checksum of the upload, compared at registration (verify_run)
+            out[rel]["checksum_sha256"] = f.checksum
     return dict(sorted(out.items()))
 
 
@@ -130,8 +132,10 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     for rel, meta in files.items():
         check_key(rel, what=f"file path in {where}", error=DataError)
         if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int)
-                or not isinstance(meta.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])):
+                or not isinstance(meta.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])
+                or not isinstance(meta.get("checksum_sha256", ""), str)):
             raise DataError(f"{where}: entry for {rel!r} needs an integer 'size' and a hex 'sha256'")
+    manifest_record(doc, where)  # the record's fields have their types, or the run is corrupt
     return doc
 
 
@@ -161,26 +165,35 @@ def is_published(store: Store, run_id: str) -> bool:
 
 
 def verify_run(store: Store | None, run_id: str, *, manifest: dict[str, Any] | None = None) -> None:
-    """Every manifest file exists with its size; small files (``transfer.verify_small``) also by sha256.
+    """Every manifest file exists with its size and its sha256.
 
-    ``run_id`` may also be a run folder URI. Raises :class:`DataError` (exit 3) naming the first bad file.
+    The content check is the store's (:meth:`Store.content_matches`): every byte on a local disk; on S3 the
+    SHA-256 checksum S3 recorded at upload, compared with the one in the manifest, and a full read where the
+    server keeps none. ``run_id`` may also be a run folder URI. Raises :class:`DataError` (exit 3) naming
+    the first bad file.
     """
-    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
 
     rs, label = run_store(store, run_id)
     doc = manifest if manifest is not None else read_manifest(store, run_id)
     present = {o.key: o.size for o in rs.list_info("")}
-    limit = getattr(getattr(rs, "transfer", None), "verify_small", 1024**2)
     for rel, meta in doc["files"].items():
         if rel not in present:
             raise DataError(f"run {label} is incomplete: {rs.url(rel)} is listed in {MANIFEST} but missing")
         if present[rel] != meta["size"]:
             raise DataError(f"run {label} is corrupt: {rs.url(rel)} has {present[rel]} bytes, "
                             f"{MANIFEST} says {meta['size']}")
-        if meta["size"] <= limit:
-            data, _ = rs.get_bytes(rel)
-            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise DataError(f"run {label} is corrupt: {rs.url(rel)} fails its sha256 check")
+
+    def matches(item: tuple[str, dict[str, Any]]) -> bool:
+        rel, meta = item
+        return rs.content_matches(rel, meta["sha256"], meta.get("checksum_sha256"))
+
+    items = sorted(doc["files"].items())
+    with ThreadPoolExecutor(max_workers=max(1, min(rs.transfer.concurrency, len(items) or 1))) as ex:
+        for (rel, _), ok in zip(items, ex.map(matches, items), strict=True):
+            if not ok:
+                raise DataError(f"run {label} is corrupt: {rs.url(rel)} fails its sha256 check (its content "
+                                f"changed after it was published); republish the run")
 
 
 def publish_dir(store: Store, run_id: str, local_dir: Path, record: dict[str, Any]) -> str:

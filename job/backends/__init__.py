@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from job.config import JobConfig
+from registry import logs
 from registry.errors import ConfigError
 from registry.records import TrainPlanRecord
 
@@ -61,16 +62,18 @@ class TrainingBackend(Protocol):
         ...
 
     def for_inference(self, model: Any) -> Any:
-        """Switch the trained model to fast generation; returns the model to call ``generate`` on."""
+        """Switch a model to fast generation in eval mode; returns the model to call ``generate`` on."""
         ...
 
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
                            trust_remote_code: bool = False) -> Any:
         """A causal LM from a local safetensors folder, on the GPU when there is one, ready for an adapter.
 
-        ``max_seq_length`` is the length the model was trained for; ``load_in_4bit`` asks for the 4-bit weights
-        an adapter trained against (a backend without 4-bit inference loads the 16-bit ones, which the adapter
-        applies to as well). Call :meth:`for_inference` on the result (or the adapter wrapped around it).
+        ``weights_dir`` was checked before (:mod:`job.inference.checks`): it holds safetensors weights only,
+        and every load passes ``use_safetensors``. ``max_seq_length`` is the length the model was trained
+        for; ``load_in_4bit`` asks for the 4-bit weights an adapter trained against (a backend without 4-bit
+        inference loads the 16-bit ones, which the adapter applies to as well). ``trust_remote_code`` is
+        passed on as given. Call :meth:`for_inference` on the result (or the adapter wrapped around it).
         """
         ...
 
@@ -82,6 +85,13 @@ def unsloth_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _routed(backend: TrainingBackend) -> TrainingBackend:
+    """``backend``, once transformers' warnings log as medft events: only now, because unsloth (imported by its
+    backend) must come before transformers."""
+    logs.route_library_logs()
+    return backend
 
 
 def select_backend(cfg: JobConfig) -> TrainingBackend:
@@ -98,10 +108,10 @@ def select_backend(cfg: JobConfig) -> TrainingBackend:
                               "use --set model.backend=hf (or auto) on this machine")
         from job.backends.unsloth import UnslothBackend  # GPU-only imports stay behind this line
 
-        return UnslothBackend()
+        return _routed(UnslothBackend())
     from job.backends.hf import HFBackend
 
-    return HFBackend()
+    return _routed(HFBackend())
 
 
 def inference_backend() -> TrainingBackend:
@@ -109,7 +119,7 @@ def inference_backend() -> TrainingBackend:
     if unsloth_available():
         from job.backends.unsloth import UnslothBackend  # imports unsloth before transformers and peft
 
-        return UnslothBackend()
+        return _routed(UnslothBackend())
     from job.backends.hf import HFBackend
 
-    return HFBackend()
+    return _routed(HFBackend())

@@ -14,7 +14,7 @@ from registry.logs import get_logger
 log = get_logger(__name__)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _precision() -> tuple[str, str]:
@@ -82,14 +82,15 @@ class HFBackend:
 
     def load(self, weights_dir: Path, cfg: JobConfig, plan: TrainPlan) -> tuple[Any, Any]:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=cfg.model.trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
+        from job.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(weights_dir, trust_remote_code=cfg.model.trust_remote_code)
+        dtype = _DTYPES[plan.precision]
+        # safetensors only: the pull stage refused pickles, and this keeps any loader from preferring one.
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code,
-                                  "attn_implementation": "sdpa"}
+                                  "attn_implementation": "sdpa", "use_safetensors": True}
         if plan.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
@@ -129,9 +130,8 @@ class HFBackend:
 
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
                            trust_remote_code: bool = False) -> Any:
-        # Unquantized weights whatever load_in_4bit says (float32 on CPU, half precision on CUDA: half
-        # precision on CPU is slow and, for some ops, unsupported): an adapter trained against 4-bit ones
-        # applies to them too.
+        # Unquantized weights whatever load_in_4bit says (float32 on CPU, bf16 or fp16 on CUDA): an adapter
+        # trained against 4-bit ones applies to them too.
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=_DTYPES[_precision()[0]], use_safetensors=True,

@@ -236,7 +236,7 @@ def _grad_accum(cfg: JobConfig, space: SearchSpace, setting: Setting) -> int:
 
 
 # --- the reasons the plan logs ----------------------------------------------------------------------------
-# Why each setting was chosen, in words.
+# Why each setting was chosen, in words: measured figures belong in docs/benchmarks.md, not in these strings.
 
 def _hardware_reasons(cfg: JobConfig, gpu: GpuFacts) -> dict[str, str]:
     """The reasons that do not depend on the search: the GPU, its precision and the packing setting."""
@@ -245,9 +245,9 @@ def _hardware_reasons(cfg: JobConfig, gpu: GpuFacts) -> dict[str, str]:
                "precision": "bf16: the GPU supports bfloat16" if gpu.bf16 else "fp16: the GPU lacks bfloat16"}
     if cfg.train.packing == "auto":
         reasons["packing"] = (
-            "padded (auto): padded micro-batches run Unsloth's compiled decoder blocks and were measured "
-            "fastest on an H200, ahead of padding-free varlen batches (1.5B: 41.4k vs 20.6k tokens/s; 8B: "
-            "13.8k vs 12.7k) and of steps grouped by length (1.5B: 41.9k vs 31.0k), see docs/benchmarks.md")
+            "padded (auto): padded micro-batches run Unsloth's compiled decoder blocks and were measured fastest "
+            "on an H200, ahead of padding-free varlen batches and of steps grouped by length, see "
+            "docs/benchmarks.md")
     elif cfg.train.packing is True:
         reasons["packing"] = ("padding-free (train.packing: true): rows are concatenated without padding and "
                               "attend only within themselves (varlen attention)")

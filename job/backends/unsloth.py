@@ -34,6 +34,7 @@ from registry.logs import get_logger
 
 log = get_logger(__name__)
 
+
 # --- environment and import -------------------------------------------------------------------------------
 
 def prepare_environment() -> Path:
@@ -89,7 +90,7 @@ class UnslothBackend:
         from unsloth import FastLanguageModel
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
-        model, tokenizer = FastLanguageModel.from_pretrained(
+        model, unsloth_tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(weights_dir), max_seq_length=cfg.model.max_seq_length, dtype=dtype,
             load_in_4bit=plan.load_in_4bit, load_in_16bit=not plan.load_in_4bit, local_files_only=True,
             use_exact_model_name=True, trust_remote_code=cfg.model.trust_remote_code,
@@ -105,9 +106,29 @@ class UnslothBackend:
             from unsloth.utils.packing import mark_allow_overlength
 
             mark_allow_overlength(model)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
+        return model, self._same_tokenizer_as_hf(weights_dir, cfg, unsloth_tokenizer)
+
+    @staticmethod
+    def _same_tokenizer_as_hf(weights_dir: Path, cfg: JobConfig, unsloth_tokenizer: Any) -> Any:
+        """medft's own tokenizer in place of the one unsloth built, so both backends train on the same ids.
+
+        Unsloth resolves the class through transformers like anyone else; medft's loader reads tokenizer.json
+        as written (:mod:`job.tokenizer`). Unsloth's padding side is kept; a difference in ids is logged.
+        """
+        from job.tokenizer import guard_texts, load_tokenizer
+
+        tokenizer = load_tokenizer(weights_dir, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer.padding_side = getattr(unsloth_tokenizer, "padding_side", tokenizer.padding_side)
+        try:
+            probe = guard_texts([], cfg.data.template, tokenizer)[0][1]
+            theirs = list(unsloth_tokenizer(probe, add_special_tokens=False)["input_ids"])
+        except Exception as e:  # noqa: BLE001 - only a comparison for the log; ours is used either way
+            theirs, probe = [f"{e.__class__.__name__}: {e}"], ""
+        if not probe or theirs != list(tokenizer(probe, add_special_tokens=False)["input_ids"]):
+            log.warning("unsloth.tokenizer_replaced", loaded_as=type(tokenizer).__name__,
+                        unsloth_class=type(unsloth_tokenizer).__name__,
+                        reason="unsloth's tokenizer gives other ids than tokenizer.json defines; using medft's")
+        return tokenizer
 
     def trainer_class(self) -> type:
         from trl import SFTTrainer  # patched by the unsloth import in __init__
@@ -128,13 +149,13 @@ class UnslothBackend:
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)
-        return model
+        return model.eval()
 
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
                            trust_remote_code: bool = False) -> Any:
         from unsloth import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(
+        model, _ = FastLanguageModel.from_pretrained(  # dtype=None: unsloth picks bf16 or fp16 for the GPU
             model_name=str(weights_dir), max_seq_length=max_seq_length, dtype=None, load_in_4bit=load_in_4bit,
             local_files_only=True, use_exact_model_name=True, trust_remote_code=trust_remote_code)
         return model

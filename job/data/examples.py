@@ -235,9 +235,16 @@ def validate(cfg: JobConfig, tokenizer: Any = None, *,
     """``medft data validate``: load and check the data; with a tokenizer, also format and measure it.
 
     ``loaded`` is what :func:`load_rows` already returned for ``cfg``, to avoid reading the data twice.
-    Raises what :func:`load_rows` and :func:`prepare` raise.
+    With a tokenizer (and ``model.tokenizer_check``), the template and a sample of rows must survive its
+    encode/decode round trip first, as in training (:func:`job.tokenizer.check_round_trip`).
+    Raises what :func:`load_rows` and :func:`prepare` raise, ConfigError when the round trip fails.
     """
     rows, _identity, report = loaded if loaded is not None else load_rows(cfg)
     if tokenizer is None:
         return report
+    if cfg.model.tokenizer_check:
+        from job.tokenizer import check_round_trip, guard_texts
+
+        check_round_trip(tokenizer, guard_texts(rows, cfg.data.template, tokenizer),
+                         name=f"model.base {cfg.model.base}")
     return prepare(rows, tokenizer, cfg, report=report).report

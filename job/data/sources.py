@@ -1,14 +1,12 @@
-"""Where rows come from: a hub dataset (``hf://``), an object in S3 (``s3://``) or a local file, read into
-validated, deduplicated rows (:func:`load_rows`), and the identity of what was used for lineage
-(:func:`used_identity`).
+"""Where rows come from: ``data.source`` as a hub dataset (``hf://``), a ModelScope dataset (``ms://``), an S3
+object (``s3://``) or a local file, read into validated rows by :func:`load_rows`; and the dataset's identity for
+lineage (:class:`DatasetIdentity`, narrowed to the rows actually trained on by :func:`used_identity`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,68 +17,60 @@ from job.config import JobConfig
 from job.data.readers import file_records
 from job.data.results import FIELDS, DataReport, DatasetIdentity, PreparedData, Row
 from job.data.rows import Record, canonical, check_columns, collect
-from registry.errors import AccessDeniedError, ConfigError, MedftError, NotFoundError, TransientError
+from job.hub import HubKeys, hf_revision, hf_token, hub_dataset_error
+from registry.errors import ConfigError, MedftError
 from registry.logs import get_logger
 from registry.uris import parse_uri
 
 log = get_logger(__name__)
 
 
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+_DATA_HUB_KEYS = HubKeys(split="data.split", config="data.subset", dataset="data.source",
+                         not_found_hint="check the name, data.revision and HF_TOKEN",
+                         offline_hint="download it once online or point data.cache_dir at a cache holding it")
 
 
 def _load_hf_dataset(name: str, cfg: JobConfig, display: str) -> Any:
-    """``datasets.load_dataset`` with its failures mapped onto medft's exit codes."""
+    """``datasets.load_dataset`` with its failures mapped onto medft's exit codes (:func:`hub_dataset_error`)."""
     import datasets
 
     d = cfg.data
     try:
         ds = datasets.load_dataset(name, d.subset, split=d.split, revision=d.revision, cache_dir=d.cache_dir,
-                                   token=os.environ.get("HF_TOKEN") or None)
+                                   token=hf_token())
     except MedftError:
         raise
-    except Exception as e:  # datasets raises many types; each is mapped below
-        msg = " ".join(str(e).split())[:300]
-        etype = type(e).__name__
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403) or "gated" in msg.lower() or re.search(r"\b40[13] Client Error", msg):
-            raise AccessDeniedError(f"data.source: {display}: access refused ({msg}); accept the dataset's "
-                                    "terms on the hub and set HF_TOKEN") from None
-        if etype in ("DatasetNotFoundError", "FileNotFoundError", "RepositoryNotFoundError",
-                     "EntryNotFoundError", "RevisionNotFoundError"):
-            raise NotFoundError(f"data.source: {display}: dataset not found ({msg}); check the name, "
-                                "data.revision and HF_TOKEN") from None
-        if isinstance(e, ConnectionError) or "OfflineModeIsEnabled" in msg or etype in ("LocalEntryNotFoundError",):
-            if _hf_offline():
-                raise NotFoundError(f"data.source: {display}: not in the local cache and HF_HUB_OFFLINE is set; "
-                                    "download it once online or point data.cache_dir at a cache holding "
-                                    "it") from None
-            raise TransientError(f"data.source: {display}: cannot reach the Hugging Face hub ({msg}); retry "
-                                 "later or set HF_HUB_OFFLINE=1 with a filled cache") from None
-        if isinstance(e, ValueError):
-            key = "data.split" if "split" in msg.lower() else "data.subset" if "config" in msg.lower() else (
-                "data.source")
-            raise ConfigError(f"{key}: {display}: {msg}") from None
-        raise
+    except Exception as e:  # datasets raises many types; the expected ones are mapped
+        mapped = hub_dataset_error(e, f"data.source: {display}", _DATA_HUB_KEYS)
+        if mapped is None:
+            raise
+        raise mapped from None
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError(f"data.split: {display}: name one split, e.g. train or train[:500]")
     return ds
 
 
-def _hf_revision(name: str, revision: str | None) -> str | None:
-    """The commit the hub resolves ``revision`` to (best effort, skipped offline); else ``revision``."""
-    if _hf_offline():
-        return revision
-    try:
-        from huggingface_hub import HfApi
+def _load_ms_dataset(cfg: JobConfig, display: str) -> Any:
+    """An ``ms://`` dataset repository, downloaded by :func:`job.modelscope.snapshot` and read by
+    ``datasets.load_dataset`` from that folder: its card's ``configs`` (``data.subset``) and ``data.split`` as on
+    the hub, with datasets' packaged readers only (code files and pickles are not even downloaded)."""
+    import datasets
 
-        info = HfApi().dataset_info(name, revision=revision, token=os.environ.get("HF_TOKEN") or None,
-                                    timeout=10)
-        return info.sha or revision
-    except Exception as e:  # noqa: BLE001 - lineage detail only; the content hash identifies the data
-        log.warning("data.revision_unresolved", dataset=name, error=str(e)[:200])
-        return revision
+    from job import modelscope
+    from job.weights import PICKLE_SUFFIXES
+
+    d = cfg.data
+    path = modelscope.snapshot(d.source, d.revision, repo_type="dataset", what="data.source",
+                               ignore=("*.py", *(f"*{suffix}" for suffix in PICKLE_SUFFIXES)))
+    try:
+        ds = datasets.load_dataset(str(path), d.subset, split=d.split, cache_dir=d.cache_dir)
+    except (ValueError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split())[:300]
+        key = "data.split" if "split" in msg.lower() else "data.subset" if "config" in msg.lower() else "data.source"
+        raise ConfigError(f"{key}: {display}: {msg}") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise ConfigError(f"data.split: {display}: name one split, e.g. train or train[:500]")
+    return ds
 
 
 def _hf_records(ds: Any, wanted: list[str]) -> Iterator[Record]:
@@ -93,9 +83,8 @@ def _hf_records(ds: Any, wanted: list[str]) -> Iterator[Record]:
 
 
 def _s3_download(uri: str, dest_dir: Path, store_opener: Callable[[str], Any] | None) -> Path:
-    rest = uri[len("s3://"):]
     parent, _, key = uri.rpartition("/")
-    if "/" not in rest or not key:
+    if not parse_uri(uri).tail or not key:
         raise ConfigError(f"data.source: {uri}: name one object, s3://bucket/key.jsonl")
     if store_opener is None:
         from registry.store import open_store
@@ -111,13 +100,15 @@ def load_rows(cfg: JobConfig, *, store_opener: Callable[[str], Any] | None = Non
     """Read, validate and deduplicate ``cfg.data.source``.
 
     ``hf://org/name`` goes through ``datasets.load_dataset`` (``data.subset``, ``data.split``,
-    ``data.revision``, ``data.cache_dir``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``); ``s3://bucket/key`` is
-    downloaded with ``store_opener(parent_uri).get_file(key, dest)`` (default ``registry.store.open_store``)
-    into a temporary directory and read as a local file; anything else is a local .json (list), .jsonl,
-    .parquet or .csv file, read whole (``data.subset``/``data.split`` apply to hub datasets only).
+    ``data.revision``, ``data.cache_dir``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``); ``ms://owner/name`` is
+    downloaded with modelscope (``data.revision``, the variables of :mod:`job.modelscope`) and read the same
+    way; ``s3://bucket/key`` is downloaded with ``store_opener(parent_uri).get_file(key, dest)`` (default
+    ``registry.store.open_store``) into a temporary directory and read as a local file; anything else is a local
+    .json (list), .jsonl, .parquet or .csv file, read whole (``data.subset``/``data.split`` apply to hub datasets only).
 
     Raises DataError (exit 3) for bad data, NotFoundError (exit 4) for a missing file or dataset,
-    ConfigError (exit 2) for an unusable source or split, AccessDeniedError/TransientError from the hub.
+    ConfigError (exit 2) for an unusable source or split, AccessDeniedError/TransientError from the hub (and
+    NotFoundError offline with nothing cached, for ``ms://``).
     """
     d = cfg.data
     source = d.source
@@ -133,14 +124,20 @@ def load_rows(cfg: JobConfig, *, store_opener: Callable[[str], Any] | None = Non
         ds = _load_hf_dataset(name, cfg, display)
         check_columns(display, list(ds.column_names), wanted)
         rows, read, dups, sha = collect(_hf_records(ds, wanted), display, d.columns)
-        revision, subset, split = _hf_revision(name, d.revision), d.subset, d.split
+        revision, subset, split = hf_revision(name, d.revision), d.subset, d.split
+    elif location.scheme == "ms":
+        display = f"{source} ({d.subset or 'default'}, {d.split})"
+        ds = _load_ms_dataset(cfg, display)
+        check_columns(display, list(ds.column_names), wanted)
+        rows, read, dups, sha = collect(_hf_records(ds, wanted), display, d.columns)
+        revision, subset, split = d.revision, d.subset, d.split
     elif location.scheme == "s3":
         with tempfile.TemporaryDirectory(prefix="medft-data-") as tmp:
             path = _s3_download(source, Path(tmp), store_opener)
             rows, read, dups, sha = collect(file_records(path, source, wanted), source, d.columns)
     elif not location.is_local:
-        raise ConfigError(f"data.source: {source}: unsupported scheme; use hf://org/name, s3://bucket/key or a "
-                          "local file")
+        raise ConfigError(f"data.source: {source}: unsupported scheme; use hf://org/name, ms://owner/name, "
+                          "s3://bucket/key or a local file")
     else:
         path = location.local_path()
         rows, read, dups, sha = collect(file_records(path, source, wanted), source, d.columns)

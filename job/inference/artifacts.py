@@ -1,7 +1,7 @@
 """A version's artifact on local disk: downloaded once into a cache, every file checked against its sha256.
 
 The cache entry's name is derived from the checksums the record lists, so a cached copy is always the content
-the record names.
+the record names; it is checked again on every use (see :mod:`job.cache`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from job.cache import MARKER
 from job.inference.refs import Version
 from registry.errors import NotFoundError
 from registry.logs import get_logger
@@ -20,7 +21,7 @@ from registry.names import ARTIFACTS
 
 log = get_logger(__name__)
 
-COMPLETE_MARKER = ".medft-complete"
+COMPLETE_MARKER = MARKER  # the one completion marker of every medft cache entry (job/cache.py)
 
 
 def cache_key(files: dict[str, str]) -> str:
@@ -29,21 +30,17 @@ def cache_key(files: dict[str, str]) -> str:
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
-def _whole(dest: Path, files: dict[str, str]) -> bool:
-    # The marker is trusted rather than re-hashing gigabytes on every call; files are only checked to exist,
-    # so a cache entry someone deleted files from is fetched again instead of failing to load.
-    return (dest / COMPLETE_MARKER).exists() and all((dest / rel).is_file() for rel in files)
-
-
 def fetch_artifact(version: Version, artifact: str = "merged") -> Path:
-    """The artifact's files on local disk: from the cache when complete, else downloaded and verified.
+    """The artifact's files on local disk: from the cache when it checks out, else downloaded and verified.
 
     A download goes to a temporary folder beside the cache entry and is renamed into place, completion
-    marker inside, only after every file passed its sha256 check; so a cache entry with its marker is
-    always whole and verified, and a failed or interrupted download leaves nothing behind. Raises
-    NotFoundError when the version has no such artifact or a listed file is missing from the store,
-    DataError (exit 3) when a file fails its checksum.
+    marker inside, only after every file passed its sha256 check; a failed or interrupted download leaves
+    nothing behind. Each use checks the entry again (:func:`job.cache.verified`: a stamp per file, a full
+    sha256 where it changed); an entry that fails is discarded and downloaded again. Raises NotFoundError
+    when the version has no such artifact or a listed file is missing from the store, DataError (exit 3)
+    when a file fails its checksum.
     """
+    from job.cache import mark_complete, verified
     from job.paths import cache_root
     from registry.store import open_store
 
@@ -55,7 +52,7 @@ def fetch_artifact(version: Version, artifact: str = "merged") -> Path:
     spec = version.artifacts[artifact]
     files: dict[str, str] = spec["files"]
     dest = cache_root() / "models" / cache_key(files)
-    if _whole(dest, files):
+    if verified(dest, files):
         log.info("model.cached", ref=version.label, artifact=artifact, path=str(dest))
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -64,15 +61,15 @@ def fetch_artifact(version: Version, artifact: str = "merged") -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         open_store(spec["uri"]).get_dir("", tmp, expected=files)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"ref": version.label, "uri": spec["uri"]}) + "\n")
+        mark_complete(tmp, files, ref=version.label, uri=spec["uri"])
         # Another process may have finished the same download meanwhile; its copy is as verified as ours.
-        if not _whole(dest, files):
+        if not verified(dest, files):
             if dest.exists():
-                shutil.rmtree(dest)  # an entry with files deleted by hand: replace it whole
+                shutil.rmtree(dest)  # an entry that failed its check or lost files: replace it whole
             try:
                 tmp.replace(dest)
             except OSError:
-                if not _whole(dest, files):
+                if not verified(dest, files):
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,4 @@
-"""Answers on a terminal: completion text streamed under ``Reasoning:`` and ``Answer:`` headings as tokens arrive.
-"""
+"""Terminal streaming: completion text shown under ``Reasoning:`` and ``Answer:`` headings as tokens arrive."""
 
 from __future__ import annotations
 

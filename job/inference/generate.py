@@ -1,9 +1,12 @@
-"""One answer: sampling settings, the generation call with its stop tokens, and the completion split into
-reasoning and answer.
+"""Answering one question with a loaded model: sampling settings, stop tokens, the completion split in two.
+
+The prompt is the template's, token for token the masked head of a training example, opened with
+``<think>\\n``; the completion is split at the first ``</think>`` into reasoning and answer.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,11 +21,11 @@ from registry.logs import get_logger
 log = get_logger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
-
 #: DeepSeek's advice for R1-Distill models: 0.5-0.7, 0.6 recommended, with top-p 0.95.
 DEFAULT_TEMPERATURE = 0.6
-
 DEFAULT_TOP_P = 0.95
+#: numpy, which transformers' set_seed seeds, takes seeds in [0, 2**32).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,12 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ def generation_config(loaded: Loaded, sampling: Sampling, stops: list[int]) -> A
     config = copy.deepcopy(own) if own is not None else GenerationConfig()
     config.max_new_tokens = sampling.max_new_tokens
     config.max_length = None
+    config.use_cache = True  # the KV cache: each new token attends to cached keys and values
     config.eos_token_id = stops
     config.pad_token_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else stops[0]
     if sampling.temperature > 0:

@@ -1,8 +1,9 @@
 """Loading a version for inference: its merged weights, or its base model with the adapter applied.
 
-The weights load through the backend seam (:func:`job.backends.inference_backend`): on a GPU with unsloth
-installed, unsloth's ``FastLanguageModel`` loads the model and switches it to fast inference; elsewhere plain
-transformers runs it (float32 on CPU).
+Every artifact (and the base model) is checked before anything loads from it (:mod:`job.inference.checks`);
+every load passes ``use_safetensors=True``. The weights load through the backend seam
+(:func:`job.backends.inference_backend`): on a GPU with unsloth installed, unsloth's ``FastLanguageModel``
+loads the model; elsewhere plain transformers runs it (float32 on CPU).
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from job.backends import inference_backend
-from job.inference.artifacts import fetch_artifact
+from job.inference.artifacts import ARTIFACTS, fetch_artifact
+from job.inference.checks import check_artifact, refuse_code
 from job.inference.refs import Version
 from job.templates import Template, get_template
 from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
-from registry.names import ARTIFACTS
 
 log = get_logger(__name__)
-
-# What the log calls each backend's inference library.
-_LIBRARY = {"hf": "transformers"}
 
 
 @dataclass
@@ -43,12 +41,9 @@ class Loaded:
 
 
 def _tokenizer(path: Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
+    from job.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def _max_seq_length(version: Version) -> int:
@@ -56,13 +51,22 @@ def _max_seq_length(version: Version) -> int:
     return int((version.config.get("model") or {}).get("max_seq_length") or 2048)
 
 
-def _pull_base(version: Version) -> Path:
-    """The version's base weights on local disk, refused when they differ from the ones it was trained on."""
+# What the log calls each backend's inference library.
+_LIBRARY = {"hf": "transformers"}
+
+
+def _pull_base(version: Version, trust_remote_code: bool = False) -> Path:
+    """The version's base weights on local disk, refused when they differ from the ones it was trained on.
+
+    The base is named by the record, so it is checked as an artifact is: a URI no source could mean, pickles,
+    lying headers or code to run (without ``trust_remote_code``) are DataError (exit 3).
+    """
     from job.model import pull_weights
 
     uri, revision = version.base_uri()
     weights = pull_weights(uri, revision)
-    recorded = version.base_model.get("sha256") or {}
+    refuse_code(weights.path, f"base model {uri} of {version.label}", trust_remote_code)
+    recorded = version.base_model.sha256 or {}
     if recorded and weights.files and recorded != weights.files:
         changed = sorted(n for n in set(recorded) | set(weights.files) if recorded.get(n) != weights.files.get(n))
         raise DataError(f"base model {uri} of {version.label}: {changed[0]} differs from the weights it was trained "
@@ -71,11 +75,13 @@ def _pull_base(version: Version) -> Path:
     return weights.path
 
 
-def load(version: Version, artifact: str = "merged") -> Loaded:
+def load(version: Version, artifact: str = "merged", *, trust_remote_code: bool = False) -> Loaded:
     """Load a version's ``merged`` weights, or its base model with the ``adapter`` applied.
 
-    Raises what :func:`fetch_artifact` and :func:`job.model.pull_weights` raise, DataError when the base
-    weights are not the ones the adapter was trained on, and ConfigError for an unknown artifact or template.
+    ``trust_remote_code`` comes from :func:`remote_code_trust` (the command line), never from the record.
+    Raises what :func:`fetch_artifact` and :func:`job.model.pull_weights` raise, DataError when an artifact
+    or the base fails :func:`check_artifact` or the base weights are not the ones the adapter was trained on,
+    and ConfigError for an unknown artifact or template.
     """
     if artifact not in ARTIFACTS:
         raise ConfigError(f"--artifact {artifact!r}: use one of {', '.join(ARTIFACTS)}")
@@ -83,34 +89,35 @@ def load(version: Version, artifact: str = "merged") -> Loaded:
     started = time.monotonic()
     backend = inference_backend()
     path = fetch_artifact(version, artifact)
+    check_artifact(path, version, artifact, trust_remote_code=trust_remote_code)
     if artifact == "merged":
         model = backend.load_for_inference(path, max_seq_length=_max_seq_length(version),
-                                           trust_remote_code=version.trust_remote_code)
+                                           trust_remote_code=trust_remote_code)
     else:
         from peft import PeftModel
 
-        base = backend.load_for_inference(_pull_base(version), max_seq_length=_max_seq_length(version),
-                                          load_in_4bit=version.trained_in_4bit,
-                                          trust_remote_code=version.trust_remote_code)
+        base = backend.load_for_inference(_pull_base(version, trust_remote_code),
+                                          max_seq_length=_max_seq_length(version),
+                                          load_in_4bit=version.trained_in_4bit, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
     # The artifact's own tokenizer: the one training saved beside the weights it produced.
-    loaded = Loaded(label=version.label, model=backend.for_inference(model).eval(),
-                    tokenizer=_tokenizer(path, version.trust_remote_code), template=template,
+    loaded = Loaded(label=version.label, model=backend.for_inference(model),
+                    tokenizer=_tokenizer(path, trust_remote_code), template=template,
                     backend=_LIBRARY.get(backend.name, backend.name))
     log.info("inference.loaded", ref=version.label, artifact=artifact, backend=loaded.backend,
              template=template.name, device=str(_device(loaded.model)), seconds=round(time.monotonic() - started, 2))
     return loaded
 
 
-def load_base(version: Version) -> Loaded:
+def load_base(version: Version, *, trust_remote_code: bool = False) -> Loaded:
     """The version's base model, untrained, asked with the version's template (``--compare base``)."""
     template = get_template(version.template_name)
     backend = inference_backend()
-    path = _pull_base(version)
+    path = _pull_base(version, trust_remote_code)
     uri, _ = version.base_uri()
     model = backend.for_inference(backend.load_for_inference(path, max_seq_length=_max_seq_length(version),
-                                                             trust_remote_code=version.trust_remote_code)).eval()
-    return Loaded(label=f"base {uri}", model=model, tokenizer=_tokenizer(path, version.trust_remote_code),
+                                                             trust_remote_code=trust_remote_code))
+    return Loaded(label=f"base {uri}", model=model, tokenizer=_tokenizer(path, trust_remote_code),
                   template=template, backend=_LIBRARY.get(backend.name, backend.name))
 
 

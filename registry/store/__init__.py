@@ -13,10 +13,11 @@ Guarantees both implementations give:
 * Whole objects only: local writes go to a temp file beside the target and are renamed into place; S3
   writes are single PUTs or multipart uploads that are aborted on any failure (including Ctrl-C).
 * sha256 of every written file is computed while it is read and returned in :class:`ObjectInfo`;
-  ``get_file``/``get_dir`` verify it when told the expected digest and never leave a bad file at ``dest``.
+  ``get_file``/``get_dir`` verify it when told the expected digest and never leave a bad file at ``dest``;
+  a ``get_dir`` that fails removes every file it wrote. S3 uploads also send ``ChecksumSHA256`` (per part
+  for multipart), so S3 refuses a damaged body and keeps a checksum that ``content_matches`` compares later.
 * Create-only writes (``if_absent=True``): ``If-None-Match: *`` on S3 (on the PUT, or on
-  CompleteMultipartUpload, which is why large files use hand-written multipart calls rather than boto3's
-  ``upload_file``), ``link(2)`` (atomic, O_EXCL semantics) on a local disk. The loser gets
+  CompleteMultipartUpload), ``link(2)`` (atomic, O_EXCL semantics) on a local disk. The loser gets
   :class:`PreconditionFailed`.
 * Compare-and-swap (``if_match=etag``): ``If-Match`` on S3; on a local disk an ``flock`` around
   "compare the current content digest, rename". A missing key fails the precondition too, whether the
@@ -34,6 +35,7 @@ from registry.store.base import (
     PreconditionFailed,
     Store,
     check_key,
+    check_local_dir,
 )
 from registry.store.local import LocalStore
 from registry.store.open import open_store, with_transfer
@@ -51,6 +53,7 @@ __all__ = [
     "Store",
     "TransferSettings",
     "check_key",
+    "check_local_dir",
     "open_store",
     "sha256_file",
     "with_transfer",

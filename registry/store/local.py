@@ -17,9 +17,10 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from registry.errors import ConfigError, NotFoundError
+from registry.progress import Progress, Task
 from registry.store.base import (
     HIDDEN,
     LOCK_SUFFIX,
@@ -47,13 +48,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-
 class LocalStore(BaseStore):
     """A directory on a local or shared disk. ``uri`` is the absolute path (usable directly as a path)."""
 
-    def __init__(self, root: Path, *, transfer: TransferSettings | None = None) -> None:
+    def __init__(self, root: Path, *, transfer: TransferSettings | None = None,
+                 progress: Progress | None = None) -> None:
         self.root = Path(root)
         self.transfer = transfer or TransferSettings()
+        self.progress = progress
         self.uri = str(self.root).rstrip("/") or "/"
 
     def __repr__(self) -> str:
@@ -67,7 +69,7 @@ class LocalStore(BaseStore):
         return self.root / k if k else self.root
 
     def child(self, prefix: str) -> LocalStore:
-        return LocalStore(self._path(prefix, allow_empty=True), transfer=self.transfer)
+        return LocalStore(self._path(prefix, allow_empty=True), transfer=self.transfer, progress=self.progress)
 
     # writes ----------------------------------------------------------------------------------------
     @contextmanager
@@ -81,7 +83,7 @@ class LocalStore(BaseStore):
         finally:
             os.close(fd)  # releases the flock
 
-    def _write_tmp(self, dest: Path, source: Callable[[Any], tuple[int, str]]) -> tuple[Path, int, str]:
+    def _write_tmp(self, dest: Path, source: Callable[[BinaryIO], tuple[int, str]]) -> tuple[Path, int, str]:
         """Write to a temp file beside ``dest`` via ``source(fileobj) -> (size, sha256)``; fsync it."""
         with os_errors(dest.parent, "creating directory"):
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ class LocalStore(BaseStore):
         dest = self._path(key)
         sha = hashlib.sha256(data).hexdigest()
 
-        def source(f: Any) -> tuple[int, str]:
+        def source(f: BinaryIO) -> tuple[int, str]:
             f.write(data)
             return len(data), sha
 
@@ -148,13 +150,14 @@ class LocalStore(BaseStore):
         self._commit(tmp, dest, key, if_absent=if_absent, if_match=if_match)
         return ObjectInfo(check_key(key), size, sha, sha)
 
-    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo:
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False, task: Task | None = None) -> ObjectInfo:
         dest = self._path(key)
         path = Path(path)
 
         if not path.is_file():
             raise NotFoundError(f"local file {path} does not exist")
-        tmp, size, sha = self._write_tmp(dest, copy_hashing(path))
+        with self._reporting("upload", key, path.stat().st_size, task) as t:
+            tmp, size, sha = self._write_tmp(dest, copy_hashing(path, t.advance))
         self._commit(tmp, dest, key, if_absent=if_absent, if_match=None)
         return ObjectInfo(check_key(key), size, sha, sha)
 
@@ -168,13 +171,14 @@ class LocalStore(BaseStore):
             raise NotFoundError(f"not found: {self.url(key)}") from None
         return data, hashlib.sha256(data).hexdigest()
 
-    def get_file(self, key: str, dest: Path, *, sha256: str | None = None) -> ObjectInfo:
+    def get_file(self, key: str, dest: Path, *, sha256: str | None = None, task: Task | None = None) -> ObjectInfo:
         src = self._path(key)
         dest = Path(dest)
         if not src.is_file():
             raise NotFoundError(f"not found: {self.url(key)}")
 
-        tmp, size, sha = self._write_tmp(dest, copy_hashing(src))
+        with self._reporting("download", key, src.stat().st_size, task) as t:
+            tmp, size, sha = self._write_tmp(dest, copy_hashing(src, t.advance))
         try:
             verify(sha, sha256, self.url(key))
             with os_errors(dest, "writing"):
@@ -185,6 +189,15 @@ class LocalStore(BaseStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def content_matches(self, key: str, sha256: str, checksum: str | None = None) -> bool:
+        """Whether the file's sha256 is ``sha256``: every byte is read (a disk keeps no checksum)."""
+        p = self._path(key)
+        try:
+            with os_errors(p, "reading"):
+                return sha256_file(p) == sha256
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError(f"not found: {self.url(key)}") from None
 
     def stat(self, key: str) -> ObjectInfo:
         p = self._path(key)
@@ -222,5 +235,3 @@ class LocalStore(BaseStore):
                 p.unlink()
             except FileNotFoundError:
                 pass
-
-    # directories -----------------------------------------------------------------------------------

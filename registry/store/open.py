@@ -1,4 +1,5 @@
-"""Opening a store from its URI: ``s3://bucket/prefix``, ``file:///abs/path`` or a plain path."""
+"""Opening a store from a URI (``s3://bucket/prefix``, ``file:///abs/path`` or a plain path), and the same
+store again with other transfer settings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from registry.errors import ConfigError
-from registry.store.base import Store, check_key
+from registry.store.base import Store, check_key, check_local_dir
 from registry.store.local import LocalStore
 from registry.store.s3 import S3Store
 from registry.store.transfer import TransferSettings
@@ -41,13 +42,15 @@ def open_store(uri: str, *, transfer: TransferSettings | None = None) -> Store:
     parts = re.split(r"[\\/]", path)
     if ".." in parts:
         raise ConfigError(f"store path {uri!r} must not contain '..' segments")
-    return LocalStore(Path(os.path.abspath(os.path.expanduser(path))), transfer=transfer)
+    root = Path(os.path.abspath(os.path.expanduser(path)))
+    check_local_dir(root, "store")
+    return LocalStore(root, transfer=transfer)
 
 
 def with_transfer(store: Store, transfer: TransferSettings) -> Store:
     """The same store with other transfer settings (a fresh client for S3)."""
     if isinstance(store, S3Store):
-        return S3Store(store.bucket, store.prefix, transfer=transfer, endpoint=store.endpoint)
+        return S3Store(store.bucket, store.prefix, transfer=transfer, endpoint=store.endpoint, progress=store.progress)
     if isinstance(store, LocalStore):
-        return LocalStore(store.root, transfer=transfer)
+        return LocalStore(store.root, transfer=transfer, progress=store.progress)
     return store

@@ -1,12 +1,16 @@
-"""A store in an S3 bucket (boto3): one client shared by child stores, retries with backoff, errors mapped.
+"""A store in an S3 bucket (boto3): any S3-compatible server, retried with backoff, verified end to end.
 
 The endpoint comes from ``MEDFT_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (in that
 order; path-style addressing when one is set, as MinIO, Ceph and R2 want), credentials and region from the
 usual AWS variables. Opening a store makes no request; a missing bucket surfaces at first use as
-:class:`BucketNotFound` (exit 4), a refusal as :class:`AccessDeniedError` (exit 5). Throttling, 5xx and
-connection errors are retried with exponential backoff and full jitter; after ``max_attempts`` they raise
-:class:`TransientError` (exit 75). Large files move in parts (:mod:`registry.store.s3_multipart`); what each
-failure means is :mod:`registry.store.s3_errors`.
+:class:`BucketNotFound` (exit 4), a refusal as AccessDeniedError (exit 5). Throttling, 5xx and connection
+errors are retried with exponential backoff and full jitter; after ``max_attempts`` they raise
+TransientError (exit 75).
+
+Writes are single PUTs or multipart uploads (:mod:`registry.store.s3_multipart`) that are aborted on any
+failure. Every upload sends ``ChecksumSHA256`` (per part for multipart), so S3 refuses a damaged body and keeps
+a checksum that ``content_matches`` compares later. Create-only writes send ``If-None-Match: *``,
+compare-and-swap ``If-Match``; a missing key fails the precondition too, whether the server answers 404 or 412.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
-from registry.errors import MedftError, NotFoundError, TransientError
+from registry.errors import ConfigError, MedftError, NotFoundError, TransientError
+from registry.progress import Progress, Task
 from registry.store.base import (
     BaseStore,
     BucketNotFound,
@@ -33,31 +40,41 @@ from registry.store.base import (
     verify,
 )
 from registry.store.s3_errors import Attempts, Verdict, classify
-from registry.store.s3_multipart import get_ranged, md5_b64, put_multipart
+from registry.store.s3_multipart import b64, get_ranged, md5_b64, put_multipart
 from registry.store.transfer import MiB, TransferSettings, os_errors
-
-T = TypeVar("T")
 
 _CHUNK = 1 * MiB
 
+T = TypeVar("T")
 
 
 def _endpoint_from_env() -> str | None:
+    """The S3 endpoint URL from the first variable set; ConfigError naming it when it is no http(s) URL."""
     for var in ("MEDFT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        if os.environ.get(var):
-            return os.environ[var]
+        value = os.environ.get(var, "").strip()
+        if value:
+            parsed = urlparse(value)
+            try:
+                parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+                ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and not re.search(r"\s", value)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{var}={value!r} is not an endpoint URL; use http(s)://host[:port]")
+            return value
     return None
-
 
 
 class S3Store(BaseStore):
     """An S3 bucket and prefix. ``uri`` is ``s3://bucket/prefix``."""
 
     def __init__(self, bucket: str, prefix: str = "", *, transfer: TransferSettings | None = None,
-                 client: Any = None, endpoint: str | None = None, _shared: dict[str, Any] | None = None) -> None:
+                 client: Any = None, endpoint: str | None = None, _shared: dict[str, Any] | None = None,
+                 progress: Progress | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.transfer = transfer or TransferSettings()
+        self.progress = progress
         self.endpoint = endpoint if endpoint is not None else _endpoint_from_env()
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._client = client
@@ -113,11 +130,10 @@ class S3Store(BaseStore):
 
     def child(self, prefix: str) -> S3Store:
         return S3Store(self.bucket, self._full(prefix, allow_empty=True), transfer=self.transfer,
-                       endpoint=self.endpoint, _shared=self._shared)
+                       endpoint=self.endpoint, _shared=self._shared, progress=self.progress)
 
     # errors and retries ----------------------------------------------------------------------------
     def _classify(self, exc: BaseException, what: str, uri: str) -> tuple[Verdict, MedftError | None]:
-        """('retry' | 'fail' | 'other', error). 'other' means re-raise as a bug."""
         return classify(exc, what, uri, bucket=self.bucket, endpoint=self.endpoint)
 
     def _backoff(self, attempt: int) -> None:
@@ -193,6 +209,37 @@ class S3Store(BaseStore):
         except NotFoundError:
             return False
 
+    def content_matches(self, key: str, sha256: str, checksum: str | None = None) -> bool:
+        """Whether the object's sha256 is ``sha256``.
+
+        S3 keeps the SHA-256 checksum it verified when the object was uploaded, and any later write makes a
+        new object with its own (or none): so when the server reports one, it is compared with ``checksum``
+        (what the upload recorded; a composite ``...-N`` for multipart) or, for a single-part object, with
+        ``sha256`` itself. A server that reports none, or a mismatch against a checksum derived rather than
+        recorded, is settled by reading every byte.
+        """
+        full = self._full(key)
+        try:
+            head = self._call("reading", self.url(key), lambda: self.client.head_object(
+                Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"))
+        except NotFoundError as e:
+            raise self._not_found(e, key) from None
+        reported = str(head.get("ChecksumSHA256") or "").split("-")[0]  # AWS appends "-N" to composites
+        if reported and reported == (checksum or b64(bytes.fromhex(sha256))).split("-")[0]:
+            return True
+        if reported and checksum:
+            return False
+        return self._read_sha256(full, self.url(key)) == sha256
+
+    def _read_sha256(self, full: str, uri: str) -> str:
+        def read() -> str:
+            h = hashlib.sha256()
+            for chunk in self.client.get_object(Bucket=self.bucket, Key=full)["Body"].iter_chunks(_CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+
+        return self._call("reading", uri, read)
+
     def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         pfx = self._full(prefix, allow_empty=True)
         exact = pfx if prefix.strip("/") else None
@@ -246,10 +293,13 @@ class S3Store(BaseStore):
                   if_match: str | None = None) -> ObjectInfo:
         full = self._full(key)
         sha = hashlib.sha256(data).hexdigest()
-        md5_b64_digest, md5_hex = md5_b64(data)
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": data, "Metadata": {"sha256": sha}}
+        content_md5, md5_hex = md5_b64(data)
+        checksum = b64(bytes.fromhex(sha))
+        # S3 checks the body against ChecksumSHA256 and keeps it: verify_run compares it at registration.
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": data, "Metadata": {"sha256": sha},
+                              "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
         if self.transfer.content_md5:
-            kw["ContentMD5"] = md5_b64_digest
+            kw["ContentMD5"] = content_md5
         if if_absent:
             kw["IfNoneMatch"] = "*"
         if if_match is not None:
@@ -259,7 +309,7 @@ class S3Store(BaseStore):
             resp = self._call("writing", self.url(key), lambda: self.client.put_object(**kw), attempts)
         except PreconditionFailed as e:
             if attempts.retried_after_send and self._is_ours(key, md5_hex):
-                return ObjectInfo(check_key(key), len(data), sha, md5_hex)
+                return ObjectInfo(check_key(key), len(data), sha, md5_hex, checksum)
             raise PreconditionFailed(f"{self.url(key)} " + ("already exists (create-only write)" if if_absent
                                      else "changed since it was read (etag no longer matches)")) from e
         except BucketNotFound:
@@ -268,24 +318,24 @@ class S3Store(BaseStore):
             if if_match is not None:  # a missing key: servers answer 404 or 412 here
                 raise PreconditionFailed(f"{self.url(key)} is gone; it changed since it was read") from e
             raise
-        return ObjectInfo(check_key(key), len(data), sha, str(resp.get("ETag", "")).strip('"') or md5_hex)
+        return ObjectInfo(check_key(key), len(data), sha, str(resp.get("ETag", "")).strip('"') or md5_hex, checksum)
 
-    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> ObjectInfo:
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False, task: Task | None = None) -> ObjectInfo:
         path = Path(path)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise NotFoundError(f"local file {path} does not exist") from None
-        if size <= self.transfer.threshold:
-            with os_errors(path, "reading"):
-                data = path.read_bytes()
-            return self.put_bytes(key, data, if_absent=if_absent)
-        return put_multipart(self, key, path, size, if_absent=if_absent)
+        with self._reporting("upload", key, size, task) as t:
+            if size <= self.transfer.threshold:
+                with os_errors(path, "reading"):
+                    data = path.read_bytes()
+                info = self.put_bytes(key, data, if_absent=if_absent)
+                t.advance(size)
+                return info
+            return put_multipart(self, key, path, size, if_absent=if_absent, on_bytes=t.advance)
 
     # reads -----------------------------------------------------------------------------------------
-    def _uploads_in_parts(self, path: Path) -> bool:
-        return path.stat().st_size > self.transfer.threshold
-
     def get_bytes(self, key: str) -> tuple[bytes, str]:
         full = self._full(key)
 
@@ -298,11 +348,13 @@ class S3Store(BaseStore):
         except NotFoundError as e:
             raise self._not_found(e, key) from None
 
-    def get_file(self, key: str, dest: Path, *, sha256: str | None = None) -> ObjectInfo:
+    def get_file(self, key: str, dest: Path, *, sha256: str | None = None, task: Task | None = None) -> ObjectInfo:
         info = self.stat(key)
-        return self._get_file(key, Path(dest), sha256, info)
+        with self._reporting("download", key, info.size, task) as t:
+            return self._get_file(key, Path(dest), sha256, info, t.advance)
 
-    def _get_file(self, key: str, dest: Path, sha256: str | None, info: ObjectInfo) -> ObjectInfo:
+    def _get_file(self, key: str, dest: Path, sha256: str | None, info: ObjectInfo,
+                  on_bytes: Callable[[int], None]) -> ObjectInfo:
         full, uri = self._full(key), self.url(key)
         expected = sha256 or info.sha256  # our uploads carry their sha256 in metadata
         with os_errors(dest.parent, "creating directory"):
@@ -312,9 +364,9 @@ class S3Store(BaseStore):
         try:
             with os_errors(dest, "writing"):
                 if info.size <= self.transfer.threshold:
-                    sha = self._get_single(full, uri, tmp, if_match)
+                    sha = self._get_single(full, uri, tmp, if_match, on_bytes)
                 else:
-                    sha = get_ranged(self, full, uri, tmp, info.size, if_match)
+                    sha = get_ranged(self, full, uri, tmp, info.size, if_match, on_bytes)
             verify(sha, expected, uri)
             with os_errors(dest, "writing"):
                 os.replace(tmp, dest)
@@ -328,16 +380,23 @@ class S3Store(BaseStore):
             kw["IfMatch"] = if_match
         return kw
 
-    def _get_single(self, full: str, uri: str, tmp: Path, if_match: str | None) -> str:
+    def _get_single(self, full: str, uri: str, tmp: Path, if_match: str | None,
+                    on_bytes: Callable[[int], None]) -> str:
         def fetch() -> str:
-            h = hashlib.sha256()
-            r = self.client.get_object(**self._get_kw(full, if_match))
-            with open(tmp, "wb") as f:
-                for chunk in r["Body"].iter_chunks(_CHUNK):
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+            h, got = hashlib.sha256(), 0
+            try:
+                r = self.client.get_object(**self._get_kw(full, if_match))
+                with open(tmp, "wb") as f:
+                    for chunk in r["Body"].iter_chunks(_CHUNK):
+                        h.update(chunk)
+                        f.write(chunk)
+                        got += len(chunk)
+                        on_bytes(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                on_bytes(-got)  # a retried attempt starts over: so does its share of the bar
+                raise
             return h.hexdigest()
 
         try:
@@ -345,3 +404,6 @@ class S3Store(BaseStore):
         except PreconditionFailed as e:
             raise TransientError(f"{uri} was replaced while it was being downloaded; retry") from e
 
+    # directories -----------------------------------------------------------------------------------
+    def _uploads_in_parts(self, path: Path) -> bool:
+        return path.stat().st_size > self.transfer.threshold

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 S3_MAX_PARTS = 10_000
 
 
+def b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
 def md5_b64(data: bytes | memoryview) -> tuple[str, str]:
     """(base64, hex) MD5 of ``data``: Content-MD5 for the request, and the ETag S3 gives a single part."""
     d = hashlib.md5(data, usedforsecurity=False)
@@ -36,7 +41,7 @@ def md5_b64(data: bytes | memoryview) -> tuple[str, str]:
 
 class _Part(NamedTuple):
     entry: dict[str, Any]
-    """PartNumber and ETag, as CompleteMultipartUpload wants them."""
+    """PartNumber, ETag and ChecksumSHA256, as CompleteMultipartUpload wants them."""
     md5: bytes
     """The part's MD5 from its ETag (empty when the ETag is no MD5), for the object's expected ETag."""
 
@@ -44,26 +49,29 @@ class _Part(NamedTuple):
 class _MultipartUpload:
     """One multipart upload of a local file to ``key``: start, send the parts, complete, or abort."""
 
-    def __init__(self, store: S3Store, key: str, size: int) -> None:
-        self.store, self.key, self.size = store, key, size
+    def __init__(self, store: S3Store, key: str, size: int, on_bytes: Callable[[int], None]) -> None:
+        self.store, self.key, self.size, self.on_bytes = store, key, size, on_bytes
         self.full, self.uri = store._full(key), store.url(key)
         self.part_size = max(store.transfer.part_size, -(-size // S3_MAX_PARTS))
         resp = store._call("starting multipart upload of", self.uri, lambda: store.client.create_multipart_upload(
-            Bucket=store.bucket, Key=self.full))
+            Bucket=store.bucket, Key=self.full, ChecksumAlgorithm="SHA256"))
         self.upload_id: str = resp["UploadId"]
 
     def upload_part(self, number: int, data: bytes) -> _Part:
         s = self.store
+        part_checksum = b64(hashlib.sha256(data).digest())
         kw: dict[str, Any] = {"Bucket": s.bucket, "Key": self.full, "UploadId": self.upload_id,
-                              "PartNumber": number, "Body": data}
+                              "PartNumber": number, "Body": data, "ChecksumAlgorithm": "SHA256",
+                              "ChecksumSHA256": part_checksum}
         if s.transfer.content_md5:
             kw["ContentMD5"] = md5_b64(data)[0]
         r = s._call(f"uploading part {number} of", self.uri, lambda: s.client.upload_part(**kw))
+        self.on_bytes(len(data))
         try:
             digest = bytes.fromhex(str(r["ETag"]).strip('"'))
         except ValueError:  # not an MD5 (some servers, SSE-KMS): only the lost-answer check loses
             digest = b""
-        return _Part({"PartNumber": number, "ETag": r["ETag"]}, digest)
+        return _Part({"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": part_checksum}, digest)
 
     def send_parts(self, path: Path) -> tuple[list[_Part], str]:
         """Read ``path`` part by part and upload the parts in parallel; (parts in order, sha256 of the file)."""
@@ -75,10 +83,7 @@ class _MultipartUpload:
             pending: deque[Future[_Part]] = deque()
             with os_errors(path, "reading"), open(path, "rb") as f:
                 number = 0
-                while True:
-                    data = f.read(self.part_size)
-                    if not data:
-                        break
+                while data := f.read(self.part_size):
                     h.update(data)
                     number += 1
                     pending.append(ex.submit(self.upload_part, number, data))
@@ -94,7 +99,8 @@ class _MultipartUpload:
     def complete(self, parts: list[_Part], *, if_absent: bool) -> str:
         """CompleteMultipartUpload (create-only with ``if_absent``); the object's ETag."""
         s = self.store
-        expected_etag = f"{hashlib.md5(b''.join(p.md5 for p in parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+        md5_of_md5s = hashlib.md5(b"".join(p.md5 for p in parts), usedforsecurity=False).hexdigest()
+        expected_etag = f"{md5_of_md5s}-{len(parts)}"  # S3's ETag for a multipart object
         kw: dict[str, Any] = {"Bucket": s.bucket, "Key": self.full, "UploadId": self.upload_id,
                               "MultipartUpload": {"Parts": [p.entry for p in parts]}}
         if if_absent:
@@ -122,25 +128,35 @@ class _MultipartUpload:
                                                error=str(e))
 
 
-def put_multipart(store: S3Store, key: str, path: Path, size: int, *, if_absent: bool) -> ObjectInfo:
+def composite_checksum(parts: list[_Part]) -> str:
+    """S3's composite checksum of the object: the sha256 of its parts' sha256s, "-N" for N parts."""
+    part_digests = b"".join(base64.b64decode(p.entry["ChecksumSHA256"]) for p in parts)
+    return f"{b64(hashlib.sha256(part_digests).digest())}-{len(parts)}"
+
+
+def put_multipart(store: S3Store, key: str, path: Path, size: int, *, if_absent: bool,
+                  on_bytes: Callable[[int], None] = lambda n: None) -> ObjectInfo:
     """Upload ``path`` (``size`` bytes) to ``key`` in parts; aborted on any failure, Ctrl-C included.
+    ``on_bytes(n)`` is told each part sent (progress).
 
     Raises PreconditionFailed when ``if_absent`` and the key exists, and the store's errors.
     """
-    upload = _MultipartUpload(store, key, size)
+    upload = _MultipartUpload(store, key, size, on_bytes)
     completed = False
     try:
         parts, sha = upload.send_parts(path)
         etag = upload.complete(parts, if_absent=if_absent)
         completed = True
-        return ObjectInfo(check_key(key), size, sha, etag)
+        return ObjectInfo(check_key(key), size, sha, etag, composite_checksum(parts))
     finally:
         if not completed:
             upload.abort()
 
 
-def get_ranged(store: S3Store, full: str, uri: str, tmp: Path, size: int, if_match: str | None) -> str:
+def get_ranged(store: S3Store, full: str, uri: str, tmp: Path, size: int, if_match: str | None,
+               on_bytes: Callable[[int], None] = lambda n: None) -> str:
     """Download ``full`` (``size`` bytes) into ``tmp`` with parallel ranged GETs; the sha256 of its content.
+    ``on_bytes(n)`` is told each range written (progress).
 
     Every range is pinned to ``if_match``: an object replaced mid-download raises TransientError (exit 75).
     """
@@ -154,7 +170,7 @@ def get_ranged(store: S3Store, full: str, uri: str, tmp: Path, size: int, if_mat
             pending: deque[Future[bytes]] = deque()
             for start in range(0, size, chunk):
                 pending.append(ex.submit(_fetch_range, store, full, uri, fd, start, min(start + chunk, size) - 1,
-                                         if_match))
+                                         if_match, on_bytes))
                 while len(pending) > concurrency:  # hash in order; bounds memory
                     h.update(pending.popleft().result())
             while pending:
@@ -169,7 +185,8 @@ def get_ranged(store: S3Store, full: str, uri: str, tmp: Path, size: int, if_mat
         os.close(fd)
 
 
-def _fetch_range(store: S3Store, full: str, uri: str, fd: int, start: int, end: int, if_match: str | None) -> bytes:
+def _fetch_range(store: S3Store, full: str, uri: str, fd: int, start: int, end: int, if_match: str | None,
+                 on_bytes: Callable[[int], None]) -> bytes:
     """GET bytes ``start``-``end`` (inclusive) and write them at their offset in ``fd``; the bytes."""
 
     def fetch() -> bytes:
@@ -185,4 +202,5 @@ def _fetch_range(store: S3Store, full: str, uri: str, fd: int, start: int, end: 
     off = 0
     while off < len(view):
         off += os.pwrite(fd, view[off:], start + off)
+    on_bytes(len(data))
     return data

@@ -9,12 +9,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from registry.errors import AccessDeniedError, ConfigError, MedftError, TransientError
 
@@ -41,8 +42,6 @@ class TransferSettings:
     read_timeout: float = 120.0
     content_md5: bool = True
     """Send Content-MD5 with every PUT/part so the server refuses a body damaged in transit (retried)."""
-    verify_small: int = 1 * MiB
-    """verify_run re-hashes files up to this size; larger ones are checked by size."""
 
     def __post_init__(self) -> None:
         if self.part_size < S3_MIN_PART:
@@ -57,19 +56,38 @@ class TransferSettings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> TransferSettings:
         """Defaults, overridden by ``MEDFT_S3_PART_SIZE_MB``, ``MEDFT_S3_CONCURRENCY``, ``MEDFT_S3_MAX_ATTEMPTS``,
-        ``MEDFT_S3_CONTENT_MD5`` (0 to skip the per-part MD5)."""
+        ``MEDFT_S3_CONTENT_MD5`` (0 to skip the per-part MD5). Raises ConfigError naming the variable."""
         env = dict(os.environ) if env is None else env
         kw: dict[str, Any] = {}
-        for var, name, conv in (("MEDFT_S3_PART_SIZE_MB", "part_size", lambda v: int(float(v) * MiB)),
-                                ("MEDFT_S3_CONCURRENCY", "concurrency", int),
-                                ("MEDFT_S3_MAX_ATTEMPTS", "max_attempts", int),
-                                ("MEDFT_S3_CONTENT_MD5", "content_md5", lambda v: v.lower() not in ("0", "false", "no"))):
-            if env.get(var):
+        for var, name, parse in (("MEDFT_S3_PART_SIZE_MB", "part_size", _part_size_mb),
+                                 ("MEDFT_S3_CONCURRENCY", "concurrency", lambda v: _int_between(v, 1, 64)),
+                                 ("MEDFT_S3_MAX_ATTEMPTS", "max_attempts", lambda v: _int_between(v, 1, 100)),
+                                 ("MEDFT_S3_CONTENT_MD5", "content_md5", _flag)):
+            if env.get(var, "").strip():
                 try:
-                    kw[name] = conv(env[var])
-                except ValueError:
-                    raise ConfigError(f"{var}={env[var]!r} is not a number") from None
+                    kw[name] = parse(env[var].strip())
+                except ValueError as e:
+                    raise ConfigError(f"{var}={env[var]!r} {e}") from None
         return cls(**kw)
+
+
+def _part_size_mb(value: str) -> int:
+    mib = float(value) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value) else -1.0  # no inf, nan, sign or text
+    if not 5 <= mib <= 5 * 1024:
+        raise ValueError("must be a number of MiB from 5 to 5120 (S3's part size limits)")
+    return int(mib * MiB)
+
+
+def _int_between(value: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or not low <= int(value) <= high:
+        raise ValueError(f"must be a whole number from {low} to {high}")
+    return int(value)
+
+
+def _flag(value: str) -> bool:
+    if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError("must be 1 or 0 (true/false, yes/no, on/off)")
+    return value.lower() in ("1", "true", "yes", "on")
 
 
 def parallel(items: list[T], fn: Callable[[T], Any], workers: int) -> list[Any]:
@@ -112,16 +130,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def copy_hashing(path: Path) -> Callable[[Any], tuple[int, str]]:
-    """A writer for ``LocalStore._write_tmp`` that copies ``path`` into the open file, returning (bytes, sha256)."""
+def copy_hashing(path: Path, on_bytes: Callable[[int], None] | None = None) -> Callable[[BinaryIO], tuple[int, str]]:
+    """A writer for ``LocalStore._write_tmp`` that copies ``path`` into the open file, returning (bytes, sha256);
+    ``on_bytes(n)`` is told each chunk copied (progress)."""
 
-    def source(f: Any) -> tuple[int, str]:
+    def source(f: BinaryIO) -> tuple[int, str]:
         h, n = hashlib.sha256(), 0
         with os_errors(path, "reading"), open(path, "rb") as src:
             while chunk := src.read(8 * MiB):
                 h.update(chunk)
                 f.write(chunk)
                 n += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
         return n, h.hexdigest()
 
     return source

@@ -86,8 +86,13 @@ def medft_cmd(*args: str) -> list[str]:
 
 
 def job_args(weights: Path, data: Path, store: Path, run_id: str, *extra: str) -> list[str]:
-    """A short unsloth job on the tiny model: a few steps, evaluation kept small, merged in float32."""
+    """A short unsloth job on the tiny model: a few steps, evaluation kept small, merged in float32.
+
+    The tiny model's synthetic word tokenizer reads ``t<N>`` words only, so the template's text cannot come back
+    through it: the tokenizer round-trip check is off for these jobs.
+    """
     settings = [f"model.base={weights}", "model.backend=unsloth", "model.max_seq_length=1536",
+                "model.tokenizer_check=false",
                 f"data.source={data}", "data.subset=null", "data.split=train", "data.eval_fraction=0.1",
                 "train.max_steps=6", "train.grad_accum=1", "train.warmup_steps=0",
                 "train.learning_rate=0.005",

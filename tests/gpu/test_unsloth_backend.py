@@ -206,3 +206,19 @@ def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: p
                                    target_modules=cfg.lora.target_modules, optim=plan.optim)
     used = result.peak_gpu_mem_gib * GIB - held_before
     assert used <= estimate, (plan, max(meter.fed), held_before / GIB, result.peak_gpu_mem_gib, estimate / GIB)
+
+
+def test_unsloth_loads_a_model_for_inference_that_generates(tiny_weights: Path):
+    """The inference seam (``load_for_inference`` then ``for_inference``), as ``medft generate`` uses it."""
+    import torch
+
+    from job.backends.unsloth import UnslothBackend
+
+    backend = UnslothBackend()
+    model = backend.for_inference(backend.load_for_inference(tiny_weights, max_seq_length=1024))
+    assert not model.training and next(model.parameters()).device.type == "cuda"
+    prompt = torch.tensor([synthetic_rows(architectures.TINY_LLAMA, 1, seed=17)[0]["input_ids"][:16]], device="cuda")
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                             min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 20) and torch.equal(out[0, :16], prompt[0])

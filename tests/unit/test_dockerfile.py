@@ -189,7 +189,18 @@ def test_documented_runtime_switches_have_safe_defaults():
 # --- dependencies ------------------------------------------------------------------------------------
 
 
-def test_image_installs_the_gpu_extra_with_the_constraints_file_ci_uses():
+def _image_extras() -> set[str]:
+    """The extras of medft that the image's ``pip install '.[...]'`` names."""
+    extras: set[str] = set()
+    for argv in _pip_installs(STAGES[0]):
+        positionals, _ = _pip_positionals_and_options(argv)
+        for p in positionals:
+            if p.startswith(".["):
+                extras |= {e.strip() for e in p[2:].rstrip("]").split(",")}
+    return extras
+
+
+def test_image_installs_the_gpu_and_modelscope_extras_with_the_constraints_file_ci_uses():
     installs = _pip_installs(STAGES[0])
     project = []
     for argv in installs:
@@ -199,10 +210,17 @@ def test_image_installs_the_gpu_extra_with_the_constraints_file_ci_uses():
         assert options.get("-c") == ["constraints.txt"] or options.get("-r") == ["constraints.txt"], (
             f"`pip install {' '.join(argv)}` is not constrained by constraints.txt")
         project += [p for p in positionals if p.startswith(".")]
-    assert ".[gpu]" in project, "the image must install medft with the gpu extra"
+    assert any(p.startswith(".[") for p in project), "the image must install medft itself with its extras"
+    # gpu: the unsloth backend; modelscope: ms:// sources; tracking: train.report_to; all as in CI.
+    assert {"gpu", "modelscope", "tracking"} <= _image_extras(), (
+        "the image must install medft with the gpu, modelscope and tracking extras")
+    # CI (the dev extra) installs what the image's modelscope extra installs, so the ms:// tests run in CI.
+    dev = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["dev"]}
+    ms = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["modelscope"]}
+    assert ms <= dev, f"the dev extra lacks {sorted(ms - dev)} of the modelscope extra"
     # ... and the same file CI installs with.
     makefile = (ROOT / "Makefile").read_text()
-    assert "-c constraints.txt -e '.[dev]'" in makefile
+    assert "-c constraints.txt -e '.[dev,tracking]'" in makefile
     copied = " ".join(STAGES[0].all("COPY")).split()
     assert "constraints.txt" in copied
 
@@ -217,7 +235,8 @@ def test_constraints_file_is_one_pip_accepts():
 def test_every_package_the_image_installs_is_pinned_by_constraints():
     pins = _constraints()
     wanted = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
-    wanted += [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["gpu"]]
+    for extra in sorted(_image_extras()):
+        wanted += [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"][extra]]
     for argv in _pip_installs(STAGES[0]):
         positionals, _ = _pip_positionals_and_options(argv)
         wanted += [Requirement(p) for p in positionals if not p.startswith(".")]

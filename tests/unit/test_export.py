@@ -87,3 +87,23 @@ def test_safetensors_header_that_lies_about_sizes_is_refused(tmp_path):
     path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(DataError, match="corrupt"):
         validate_safetensors(path)
+
+
+def test_model_card_shows_benchmarks_before_and_after_with_intervals() -> None:
+    from job.export import model_card
+
+    cfg = load_config(None, env={})
+    lineage = {"base_model": {"uri": "hf://org/base", "revision": None},
+               "dataset": {"source": "hf://org/data", "rows": 10, "content_sha256": "b" * 64}}
+
+    def score(acc: float, lo: float, hi: float) -> dict:
+        return {"accuracy": acc, "interval": [lo, hi], "scored": 200, "hit_limit_share": 0.025,
+                "max_new_tokens": 1024}
+
+    metrics = {"train_loss": 1.0, "benchmarks_before": {"medqa": score(0.5, 0.431, 0.569)},
+               "benchmarks_after": {"medqa": score(0.6, 0.531, 0.665)}}
+    card = model_card(cfg, lineage, metrics, {})
+    assert "| medqa | 50.0% [43.1%, 56.9%] | 60.0% [53.1%, 66.5%] | 200 | 2.5% |" in card
+    assert "At most 1024 new tokens per answer" in card and "benchmarks_before |" not in card
+    plain = model_card(cfg, lineage, {"train_loss": 1.0, "benchmarks_before": None, "benchmarks_after": None}, {})
+    assert "## Benchmarks" not in plain and "| benchmarks_after |" not in plain

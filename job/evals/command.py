@@ -1,0 +1,108 @@
+"""``medft eval``: score a registered version, a run folder or a base model on the medical benchmarks.
+
+Everything that can be checked is checked before any weights load: the benchmark names, the ``--data``
+files, every benchmark's questions (read and mapped, so a missing column or an unreachable dataset fails
+first) and the ref. Then one model loads, answers every benchmark (batched, greedy by default) and is freed.
+Output: a table per model (accuracy with its Wilson 95% interval, questions scored, the share with no
+extractable answer, the share that hit the token limit, the median reasoning length), or ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from job.evals.runner import DEFAULT_BATCH_SIZE, DEFAULT_EVAL_MAX_NEW_TOKENS, EvalSettings
+from job.evals.suite import BenchmarkChoice, load_suite, score_suite
+from job.inference.generate import Sampling
+from job.medical_benchmarks import BENCHMARKS, known_names, parse_benchmarks
+from registry.compare import format_score, text_table
+from registry.errors import ConfigError
+from registry.logs import get_logger
+from registry.records import BaseModelLineage, BenchmarkScore, dump
+
+log = get_logger(__name__)
+
+DEFAULT_BENCHMARKS = "medqa,medmcqa,pubmedqa"
+
+
+def parse_data_files(items: Sequence[str]) -> dict[str, BenchmarkChoice]:
+    """``("medqa=path.jsonl", ...)`` -> {name: choice with that file}; ConfigError for a bad item."""
+    out: dict[str, BenchmarkChoice] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip().lower()
+        if not sep or not path.strip():
+            raise ConfigError(f"--data {item!r}: write BENCHMARK=FILE, e.g. --data medqa=medqa-test.jsonl")
+        if name not in BENCHMARKS:
+            raise ConfigError(f"--data {item!r}: unknown benchmark {name!r}; use one of {known_names()}")
+        out[name] = BenchmarkChoice(file=path.strip())
+    return out
+
+
+def score_table(scores: dict[str, BenchmarkScore]) -> str:
+    """One row per benchmark: accuracy [95% interval], scored, no-answer share, hit-limit share, median
+    reasoning tokens."""
+    rows = [[name, format_score(dump(s)), str(s.scored), f"{s.no_answer_share:.1%}", f"{s.hit_limit_share:.1%}",
+             f"{s.median_reasoning_tokens:g}"] for name, s in scores.items()]
+    return text_table(rows, ["BENCHMARK", "ACCURACY [95% CI]", "SCORED", "NO ANSWER", "HIT LIMIT",
+                             "MEDIAN REASONING TOKENS"])
+
+
+def eval_command(ref: str | None, *, base: str | None = None, base_revision: str | None = None,
+                 template: str = "r1-medical", benchmarks: str = DEFAULT_BENCHMARKS, limit: int | None = None,
+                 seed: int = 0, max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
+                 batch_size: int = DEFAULT_BATCH_SIZE, data_files: Sequence[str] = (), artifact: str = "merged",
+                 store: str | None = None, registry: str | None = None, as_json: bool = False,
+                 cache_dir: str | None = None, out: TextIO | None = None) -> dict[str, BenchmarkScore]:
+    """``medft eval``: score REF (a registry ref or run folder) or, with ``base``, a base model (any
+    ``model.base`` URI, asked with ``template``) on ``benchmarks``; returns the scores by benchmark.
+
+    Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, an unknown benchmark, a bad
+    ``--data`` item), and what loading questions (DataError 3, NotFoundError 4, AccessDeniedError 5,
+    TransientError 75), resolving the ref and loading the weights raise.
+    """
+    from job.inference.loading import load, load_base, unload
+    from job.inference.refs import Version, resolve_ref
+
+    out = out or sys.stdout
+    if (ref is None) == (base is None):
+        raise ConfigError("give a model to score: REF (NAME, NAME:VERSION, NAME@ALIAS or a run folder) or "
+                          "--base URI (a base model), not both")
+    names = parse_benchmarks(benchmarks)
+    choices = parse_data_files(data_files)
+    unused = sorted(set(choices) - set(names))
+    if unused:
+        raise ConfigError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks {','.join(names)}")
+    settings = EvalSettings(sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+                            batch_size=batch_size)
+    suite = load_suite(names, choices, limit=limit, seed=seed, cache_dir=cache_dir)
+    if base is not None:
+        from job.templates import get_template
+
+        get_template(template)  # an unknown template fails before any download
+        version = Version(label=f"base {base}", artifacts={},
+                          base_model=BaseModelLineage(uri=base, revision=base_revision),
+                          config={"data": {"template": template}})
+        version.base_uri()  # a URI no source could mean fails here, before any download
+        loaded = load_base(version)
+    else:
+        loaded = load(resolve_ref(ref, store=store, registry=registry), artifact)
+    try:
+        scores = score_suite(loaded, suite, settings)
+    finally:
+        label = loaded.label
+        unload(loaded)
+    log.info("eval.done", ref=label, benchmarks=list(scores))
+    if as_json:
+        payload: dict[str, Any] = {"ref": label, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
+                                   "benchmarks": {n: dump(s) for n, s in scores.items()}}
+        out.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        out.write(f"{label}: greedy, max {max_new_tokens} new tokens"
+                  + (f", {limit} questions per benchmark (seed {seed})" if limit else "") + "\n")
+        out.write(score_table(scores) + "\n")
+    out.flush()
+    return scores

@@ -1,0 +1,72 @@
+"""Several benchmarks scored with one model, as ``medft eval`` and the job's evaluate stage both do.
+
+:func:`load_suite` reads every benchmark's questions first (so a bad name, a missing column or an unreachable
+dataset fails before any weights load); :func:`score_suite` asks one loaded model all of them and returns
+each benchmark's :class:`~registry.records.BenchmarkScore`, the typed form metrics, the registry and the model
+card keep.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+from job.evals.runner import BenchmarkRun, EvalSettings, run_benchmark, terminal_progress
+from job.evals.sources import BenchmarkData, load_questions
+from job.inference.loading import Loaded
+from job.medical_benchmarks import BenchmarkOverride, get_benchmark
+from registry.records import BenchmarkScore
+
+
+@dataclass(frozen=True)
+class BenchmarkChoice:
+    """Where one benchmark's questions come from: spec ``override`` (None: the spec's own) and a local ``file``
+    (None: the hub)."""
+
+    override: BenchmarkOverride | None = None
+    file: str | None = None
+
+
+def load_suite(names: Sequence[str], choices: Mapping[str, BenchmarkChoice] | None = None, *,
+               limit: int | None = None, seed: int = 0, cache_dir: str | None = None) -> list[BenchmarkData]:
+    """The questions of every benchmark in ``names``, in order. Raises what :func:`get_benchmark` and
+    :func:`load_questions` raise (ConfigError for an unknown name, DataError for a missing column, ...)."""
+    choices = choices or {}
+    out = []
+    for name in names:
+        choice = choices.get(name, BenchmarkChoice())
+        spec = get_benchmark(name, choice.override)
+        out.append(load_questions(spec, path=choice.file, limit=limit, seed=seed, cache_dir=cache_dir))
+    return out
+
+
+def to_score(data: BenchmarkData, run: BenchmarkRun, settings: EvalSettings) -> BenchmarkScore:
+    """``run``'s result with what it was scored on, as recorded."""
+    r = run.result
+    return BenchmarkScore(
+        benchmark=r.benchmark, accuracy=r.accuracy, interval=list(r.interval), correct=r.correct, scored=r.scored,
+        no_answer_share=r.no_answer_share, hit_limit_share=r.hit_limit_share,
+        median_reasoning_tokens=r.median_reasoning_tokens, source=data.source, revision=data.revision,
+        rows=data.rows, limit=data.limit, seed=data.seed, content_sha256=data.content_sha256,
+        max_new_tokens=settings.sampling.max_new_tokens, seconds=run.seconds)
+
+
+def score_suite(loaded: Loaded, suite: Sequence[BenchmarkData], settings: EvalSettings, *,
+                progress_stream: TextIO | None = None) -> dict[str, BenchmarkScore]:
+    """Every benchmark of ``suite`` asked of ``loaded``, by name; progress is drawn on ``progress_stream``
+    (stderr by default) when it is a terminal. The model is switched to eval mode for the run and back."""
+    model = loaded.model
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        scores = {}
+        for data in suite:
+            name = data.spec.name
+            progress = terminal_progress(f"{name} ({loaded.label})", progress_stream or sys.stderr)
+            run = run_benchmark(loaded, name, data.questions, settings, progress=progress)
+            scores[name] = to_score(data, run, settings)
+        return scores
+    finally:
+        model.train(was_training)

@@ -1,0 +1,135 @@
+"""Versions side by side (``medft registry compare``) and the benchmark gate on alias moves.
+
+A version's benchmark scores are ``metrics.benchmarks_after`` (the trained model's, by benchmark name,
+:class:`~registry.records.BenchmarkScore`). :func:`comparison` puts several versions in one table: each
+benchmark's accuracy with its 95% interval, eval loss, the data (dataset URI, revision, rows), the base
+model, and every config setting whose value differs between them. :func:`gate_refusal` says why an alias may
+not move to a version under ``--require``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from registry.records import BenchmarkScore, RunMetrics
+
+if TYPE_CHECKING:  # registry.registry imports this module for the gate
+    from registry.registry import ModelVersion
+
+# Settings that differ between any two runs by construction, so they say nothing about how they differ.
+_ALWAYS_DIFFERENT = ("output.run_id",)
+
+
+def text_table(rows: list[list[str]], header: list[str]) -> str:
+    """Left-aligned columns separated by two spaces, header first."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def format_score(score: dict[str, Any] | None) -> str:
+    """``61.3% [55.2%, 67.0%]`` (accuracy and its 95% interval), or ``-`` when there is no score."""
+    if not score or not isinstance(score.get("accuracy"), (int, float)):
+        return "-"
+    interval = score.get("interval") or []
+    if len(interval) == 2:
+        return f"{score['accuracy']:.1%} [{interval[0]:.1%}, {interval[1]:.1%}]"
+    return f"{score['accuracy']:.1%}"
+
+
+def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
+    """The version's scores after training, by benchmark name (empty for a version scored on none)."""
+    metrics: RunMetrics = mv.run_record().metrics
+    return dict(metrics.benchmarks_after or {})
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree} if prefix else {}
+
+
+def differing_settings(versions: Sequence[ModelVersion]) -> dict[str, list[Any]]:
+    """Config keys (dotted) whose values are not the same in every version, each with its values in order."""
+    flat = [_flatten(mv.config) for mv in versions]
+    keys = sorted(set().union(*flat)) if flat else []
+    return {k: [f.get(k) for f in flat] for k in keys
+            if k not in _ALWAYS_DIFFERENT and any(f.get(k) != flat[0].get(k) for f in flat)}
+
+
+def comparison(versions: Sequence[ModelVersion]) -> dict[str, Any]:
+    """What ``medft registry compare --json`` prints: per version its ref, base, data, eval losses and
+    benchmark scores, and the settings that differ."""
+    out = []
+    for mv in versions:
+        metrics = mv.run_record().metrics
+        data = mv.run_record().dataset_lineage
+        out.append({
+            "ref": mv.ref, "aliases": list(mv.aliases), "run_id": mv.run_id,
+            "base_model": {"uri": mv.base_model.get("uri"), "revision": mv.base_model.get("revision")},
+            "dataset": {"source": data.source, "revision": data.revision, "rows": data.rows},
+            "eval_loss_before": metrics.eval_loss_before, "eval_loss_after": metrics.eval_loss_after,
+            "benchmarks": {n: s.model_dump(mode="json", exclude_unset=True) for n, s in benchmark_scores(mv).items()},
+        })
+    return {"versions": out, "settings_that_differ": differing_settings(versions)}
+
+
+def _short(value: Any, width: int = 48) -> str:
+    text = "-" if value is None else str(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def comparison_text(versions: Sequence[ModelVersion]) -> str:
+    """One table: a row per measure or setting, a column per version."""
+    data = comparison(versions)
+    entries = data["versions"]
+    header = ["", *[e["ref"] + (f" @{','.join(e['aliases'])}" if e["aliases"] else "") for e in entries]]
+    rows: list[list[str]] = []
+    names = sorted({n for e in entries for n in e["benchmarks"]})
+    for name in names:
+        rows.append([name, *[format_score(e["benchmarks"].get(name)) for e in entries]])
+        rows.append([f"{name} questions", *[_short((e["benchmarks"].get(name) or {}).get("scored")) for e in entries]])
+    for key in ("eval_loss_before", "eval_loss_after"):
+        rows.append([key.replace("_", " "), *[f"{e[key]:.4g}" if isinstance(e[key], (int, float)) else "-"
+                                              for e in entries]])
+    rows.append(["base model", *[_short(e["base_model"]["uri"]) for e in entries]])
+    rows.append(["base revision", *[_short(e["base_model"]["revision"]) for e in entries]])
+    rows.append(["dataset", *[_short(e["dataset"]["source"]) for e in entries]])
+    rows.append(["dataset revision", *[_short(e["dataset"]["revision"]) for e in entries]])
+    rows.append(["dataset rows", *[_short(e["dataset"]["rows"]) for e in entries]])
+    for key, values in data["settings_that_differ"].items():
+        rows.append([key, *[_short(v) for v in values]])
+    if not data["settings_that_differ"]:
+        rows.append(["settings", *["same" for _ in entries]])
+    return text_table(rows, header)
+
+
+def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
+                 alias: str) -> str | None:
+    """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may.
+
+    Refused when ``candidate`` has no score on a required benchmark, or a lower accuracy than ``current``
+    (the version the alias points at now) has on it. A current version without a score does not block.
+    """
+    if current is not None and current.version == candidate.version:
+        return None
+    mine = benchmark_scores(candidate)
+    theirs = benchmark_scores(current) if current is not None else {}
+    for name in require:
+        score = mine.get(name)
+        if score is None or not isinstance(score.accuracy, (int, float)):
+            has = ", ".join(sorted(mine)) or "none"
+            return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); train it with "
+                    f"eval.benchmarks including {name}, or pass --force to move @{alias} anyway")
+        other = theirs.get(name)
+        if current is not None and other is not None and isinstance(other.accuracy, (int, float)) \
+                and score.accuracy < other.accuracy:
+            return (f"{candidate.ref} scores {format_score(score.model_dump(mode='json'))} on {name}, lower than "
+                    f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}; pass --force "
+                    "to move it anyway")
+    return None

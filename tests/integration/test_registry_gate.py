@@ -1,0 +1,153 @@
+"""The benchmark gate on alias moves and ``medft registry compare``, on a local store and the moto S3 server.
+
+Versions are registered from sample runs whose records carry ``metrics.benchmarks_after`` as the job writes
+them; the gate reads them back through the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry.errors import ConfigError
+from registry.registry import Registry
+from registry.store import PreconditionFailed
+from tests.cli import error_lines, run_main
+from tests.conftest import SAMPLE_RECORD
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket")
+
+
+def _score(accuracy: float, scored: int = 200) -> dict[str, Any]:
+    correct = round(accuracy * scored)
+    return {"benchmark": "medqa", "accuracy": correct / scored, "interval": [max(0.0, accuracy - 0.07),
+                                                                           min(1.0, accuracy + 0.07)],
+            "correct": correct, "scored": scored, "no_answer_share": 0.05, "hit_limit_share": 0.02,
+            "median_reasoning_tokens": 412.0, "source": "hf://GBaker/MedQA-USMLE-4-options", "limit": scored,
+            "seed": 0, "content_sha256": "c" * 64, "max_new_tokens": 1024}
+
+
+def _record(medqa: float | None, lr: float = 2e-4, loss: float = 1.2) -> dict[str, Any]:
+    record = copy.deepcopy(SAMPLE_RECORD)
+    record["metrics"]["eval_loss_after"] = loss
+    if medqa is not None:
+        record["metrics"]["benchmarks_before"] = {"medqa": _score(0.4)}
+        record["metrics"]["benchmarks_after"] = {"medqa": _score(medqa)}
+    record["config"] = {"model": {"base": "hf://org/tiny"}, "train": {"max_steps": 1, "learning_rate": lr},
+                        "output": {"run_id": f"run-{lr}"}}
+    return record
+
+
+def _versions(store_uri: str, publish: Callable[..., str], scores: list[float | None]) -> Registry:
+    """Model ``m`` with one version per score (v1 first); v1 is @production."""
+    reg = Registry.open(store_uri + "/registry")
+    for n, medqa in enumerate(scores, start=1):
+        run_uri = publish(store_uri, run_id=f"run-{n}", record=_record(medqa, lr=n * 1e-4, loss=1.5 - n / 10))
+        reg.register("m", run_uri, aliases=["production"] if n == 1 else [])
+    return reg
+
+
+def _aliases_doc(reg: Registry) -> dict[str, Any]:
+    data, _ = reg.store.get_bytes("models/m/aliases.json")
+    return json.loads(data)
+
+
+def test_gate_refuses_a_version_without_the_score_or_with_a_lower_one(
+        store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    reg = _versions(store_uri, publish_sample_run, [0.55, 0.50, None, 0.60])
+    before = _aliases_doc(reg)
+    args = ["--store", store_uri]
+    code, out, err = run_main(["registry", "alias", "m", "production", "2", "--require", "medqa", *args], capsys)
+    assert code == 2 and out == ""
+    [line] = error_lines(err)
+    assert "m:2 scores 50.0%" in line and "m:1 (@production now) at 55.0%" in line and "nothing changed" in line
+    code, _, err = run_main(["registry", "alias", "m", "3", "production", "--require", "medqa", *args], capsys)
+    assert code == 2 and "m:3 has no medqa score" in error_lines(err)[0]
+    assert _aliases_doc(reg) == before  # nothing written, not even updated_at
+    assert reg.get("m@production").version == 1
+    # A better version passes, in either argument order.
+    code, out, _ = run_main(["registry", "alias", "m", "production", "4", "--require", "medqa", *args], capsys)
+    assert code == 0 and out.strip() == "m@production -> m:4"
+    assert reg.get("m@production").version == 4 and "gate_overrides" not in _aliases_doc(reg)
+    # A new alias has nothing to be compared with, but still needs the score.
+    assert reg.set_alias("m", 2, "staging", require=["medqa"]).version == 2
+    with pytest.raises(ConfigError, match="no medqa score"):
+        reg.set_alias("m", 3, "staging2", require=["medqa"])
+
+
+def test_force_moves_past_the_gate_and_records_the_override(
+        store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    reg = _versions(store_uri, publish_sample_run, [0.55, 0.50])
+    code, out, _ = run_main(["registry", "alias", "m", "production", "2", "--require", "medqa", "--force",
+                             "--store", store_uri], capsys)
+    assert code == 0 and out.startswith("m@production -> m:2 (forced past: m:2 scores 50.0%")
+    assert reg.get("m@production").version == 2
+    [override] = reg.gate_overrides("m")
+    assert {k: override[k] for k in ("alias", "version", "previous", "require")} == {
+        "alias": "production", "version": 2, "previous": 1, "require": ["medqa"]}
+    assert "lower than m:1" in override["refusal"] and override["at"]
+    # Later moves keep the record.
+    reg.set_alias("m", 1, "production")
+    assert reg.gate_overrides("m") == [override]
+    code, _, err = run_main(["registry", "alias", "m", "production", "2", "--force", "--store", store_uri], capsys)
+    assert code == 2 and "--force overrides a --require refusal" in error_lines(err)[0]
+
+
+def test_gate_is_checked_against_a_concurrent_move(store_uri: str, publish_sample_run: Callable[..., str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """v2 (0.60) beats @production's v1 (0.55) when we read, but another client moves @production to v3
+    (0.70) between our read and our compare-and-swap: the swap fails, the retry sees v3 and refuses."""
+    reg = _versions(store_uri, publish_sample_run, [0.55, 0.60, 0.70])
+    other = Registry.open(store_uri + "/registry")
+    real_put = reg.store.put_bytes
+    conflicts: list[str] = []
+
+    def put_bytes(key: str, data: bytes, **kw: Any) -> Any:
+        if key.endswith("aliases.json") and not conflicts:
+            other.set_alias("m", 3, "production", require=["medqa"])  # lands between our read and our write
+        try:
+            return real_put(key, data, **kw)
+        except PreconditionFailed:
+            conflicts.append(key)
+            raise
+
+    monkeypatch.setattr(reg.store, "put_bytes", put_bytes)
+    with pytest.raises(ConfigError, match=r"m:2 scores 60.0% .* lower than m:3 \(@production now\)"):
+        reg.set_alias("m", 2, "production", require=["medqa"])
+    assert conflicts == ["models/m/aliases.json"]  # our stale write was refused, then the gate ran again
+    assert other.get("m@production").version == 3 and other.gate_overrides("m") == []
+
+
+def test_compare_puts_versions_side_by_side(store_uri: str, publish_sample_run: Callable[..., str],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _versions(store_uri, publish_sample_run, [0.55, None])
+    code, out, _ = run_main(["registry", "compare", "m@production", "m:2", "--store", store_uri], capsys)
+    assert code == 0
+    lines = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    assert lines[""].split() == ["m:1", "@production", "m:2"]
+    assert lines["medqa"].split()[1:] == ["55.0%", "[48.0%,", "62.0%]", "-"]
+    assert lines["eval loss after"].split()[-2:] == ["1.4", "1.3"]
+    assert lines["dataset"].split()[-2:] == ["hf://org/data", "hf://org/data"]
+    assert lines["train.learning_rate"].split()[-2:] == ["0.0001", "0.0002"]
+    assert lines["medqa questions"].split()[-2:] == ["200", "-"]
+    assert "output.run_id" not in lines and "model.base" not in lines  # same everywhere, or always different
+    code, out, _ = run_main(["registry", "compare", "m:1", "m:2", "--json", "--store", store_uri], capsys)
+    data = json.loads(out)
+    assert [v["ref"] for v in data["versions"]] == ["m:1", "m:2"]
+    assert data["versions"][0]["benchmarks"]["medqa"]["interval"] == pytest.approx([0.48, 0.62])
+    assert data["versions"][1]["benchmarks"] == {}
+    assert data["settings_that_differ"] == {"train.learning_rate": [0.0001, 0.0002]}
+    code, _, err = run_main(["registry", "compare", "m:1", "--store", store_uri], capsys)
+    assert code == 2 and "two or more refs" in error_lines(err)[0]
+    code, _, err = run_main(["registry", "compare", "m:1", "m:9", "--store", store_uri], capsys)
+    assert code == 4
