@@ -218,17 +218,25 @@ def alias_cmd(name: str, version_or_alias: str, alias_or_version: str, delete: b
 @click.argument("refs", nargs=-1, required=True)
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+@click.option("--image", "image", default=None, metavar="PATH.png|PATH.svg",
+              help="Also draw the benchmark scores (accuracy with 95% intervals, a bar per version) into PATH.")
+def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None, as_json: bool,
+                image: str | None) -> None:
     """Versions side by side: benchmark accuracy with 95% intervals, eval loss, data, base model and the
     config settings that differ. REF as for show (two or more)."""
-    from registry.compare import comparison, comparison_text
+    from registry.compare import check_image_path, comparison, comparison_text, draw_scores
     from registry.errors import ConfigError
 
     if len(refs) < 2:
         raise ConfigError("compare needs two or more refs, e.g. medft registry compare NAME:6 NAME:7")
+    dest = check_image_path(image) if image else None
     _, reg = _open(store_uri, registry_uri)
     versions = [reg.get(ref) for ref in refs]
+    if dest is not None:
+        draw_scores(versions, dest)
     click.echo(json.dumps(comparison(versions), indent=2, default=str) if as_json else comparison_text(versions))
+    if dest is not None:
+        click.echo(f"benchmark scores drawn to {dest}", err=True)
 
 
 @registry_group.command("download")

@@ -3,15 +3,19 @@
 A version's benchmark scores are ``metrics.benchmarks_after`` (the trained model's, by benchmark name,
 :class:`~registry.records.BenchmarkScore`). :func:`comparison` puts several versions in one table: each
 benchmark's accuracy with its 95% interval, eval loss, the data (dataset URI, revision, rows), the base
-model, and every config setting whose value differs between them. :func:`gate_refusal` says why an alias may
-not move to a version under ``--require``.
+model, and every config setting whose value differs between them. :func:`draw_scores` draws the benchmark
+columns of that table as a picture. :func:`gate_refusal` says why an alias may not move to a version under
+``--require``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from registry.errors import ConfigError
 from registry.records import BenchmarkScore, RunMetrics
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
@@ -107,6 +111,75 @@ def comparison_text(versions: Sequence[ModelVersion]) -> str:
     if not data["settings_that_differ"]:
         rows.append(["settings", *["same" for _ in entries]])
     return text_table(rows, header)
+
+
+IMAGE_FORMATS = (".png", ".svg")
+
+
+def check_image_path(path: str) -> Path:
+    """The ``--image`` destination, checked before anything is read or drawn.
+
+    Raises ConfigError (exit 2) when the suffix is not one of :data:`IMAGE_FORMATS` or the folder does not exist.
+    """
+    dest = Path(path)
+    if dest.suffix.lower() not in IMAGE_FORMATS:
+        raise ConfigError(f"--image {path}: the file name must end in {' or '.join(IMAGE_FORMATS)} (the format "
+                          "is taken from it)")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"--image {path}: folder {dest.parent} does not exist; create it or pick another path")
+    return dest
+
+
+def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
+    """Draw every benchmark's accuracy per version, with its 95% interval as an error bar, into ``dest``.
+
+    One group of bars per benchmark, one bar per version (a version without a score on a benchmark has no bar
+    there). The file is written whole or not at all (temporary file, then rename), without a timestamp, so the
+    same versions give the same picture. Raises ConfigError when no version has a benchmark score (nothing to
+    draw; nothing written) and OSError from the write.
+    """
+    entries = comparison(versions)["versions"]
+    names = sorted({n for e in entries for n in e["benchmarks"]})
+    if not names:
+        refs = ", ".join(e["ref"] for e in entries)
+        raise ConfigError(f"--image: none of {refs} has a benchmark score to draw; train with eval.benchmarks "
+                          "(or score them with medft eval) first, or leave out --image")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.0, 1.2 + 1.1 * len(names) * len(entries) ** 0.5), 3.6), dpi=100)
+    FigureCanvasAgg(fig)  # Agg explicitly: no pyplot, no global backend, no display
+    ax = fig.add_subplot()
+    width = 0.8 / len(entries)
+    for i, entry in enumerate(entries):
+        xs, heights, below, above = [], [], [], []
+        for j, name in enumerate(names):
+            score = entry["benchmarks"].get(name) or {}
+            if not isinstance(score.get("accuracy"), (int, float)):
+                continue
+            low, high = (score.get("interval") or [score["accuracy"]] * 2)[:2]
+            xs.append(j - 0.4 + width * (i + 0.5))
+            heights.append(100 * score["accuracy"])
+            below.append(100 * max(0.0, score["accuracy"] - low))
+            above.append(100 * max(0.0, high - score["accuracy"]))
+        label = entry["ref"] + (f" @{','.join(entry['aliases'])}" if entry["aliases"] else "")
+        ax.bar(xs, heights, width * 0.95, yerr=[below, above], capsize=3, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("accuracy, % (95% interval)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    # Above the plot, so it never hides a bar.
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(entries), 3), fontsize="small",
+              frameon=False)
+    fig.tight_layout()
+    fmt = dest.suffix.lower().lstrip(".")
+    metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        fig.savefig(partial, format=fmt, metadata=metadata)
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],

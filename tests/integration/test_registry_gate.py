@@ -151,3 +151,41 @@ def test_compare_puts_versions_side_by_side(store_uri: str, publish_sample_run: 
     assert code == 2 and "two or more refs" in error_lines(err)[0]
     code, _, err = run_main(["registry", "compare", "m:1", "m:9", "--store", store_uri], capsys)
     assert code == 4
+
+
+def _pixels_of(png: Path, rgb: tuple[int, int, int]) -> int:
+    """How many pixels of ``png`` have exactly the colour ``rgb``."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    image = (imread(png)[..., :3] * 255).round().astype(int)
+    return int(np.all(image == np.array(rgb), axis=-1).sum())
+
+
+def test_compare_draws_the_scores(tmp_path: Path, publish_sample_run: Callable[..., str],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    store_uri = str(tmp_path / "store")
+    _versions(store_uri, publish_sample_run, [0.30, 0.80, None])
+    image = tmp_path / "scores.png"
+    code, out, err = run_main(["registry", "compare", "m:1", "m:2", "--image", str(image), "--store", store_uri],
+                              capsys)
+    assert code == 0 and "medqa" in out and f"drawn to {image}" in err
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    blue, orange = (31, 119, 180), (255, 127, 14)  # matplotlib's first two colours: m:1 then m:2
+    # The bars' areas follow the scores (the legend's two swatches are the same size).
+    assert _pixels_of(image, orange) > 2 * _pixels_of(image, blue) > 0
+    first = image.read_bytes()
+    run_main(["registry", "compare", "m:1", "m:2", "--image", str(image), "--store", store_uri], capsys)
+    assert image.read_bytes() == first  # no timestamp: the same versions give the same file
+    svg = tmp_path / "scores.svg"
+    assert run_main(["registry", "compare", "m:1", "m:2", "--image", str(svg), "--store", store_uri], capsys)[0] == 0
+    assert svg.read_text().lstrip().startswith("<?xml") and "medqa" in svg.read_text()
+
+    # Nothing to draw, a format it cannot write, a missing folder: exit 2, one line, nothing written.
+    for args, message in [(["m:3", "m:3", "--image", str(tmp_path / "none.png")], "has a benchmark score to draw"),
+                          (["m:1", "m:2", "--image", str(tmp_path / "scores.jpg")], "must end in .png or .svg"),
+                          (["m:1", "m:2", "--image", str(tmp_path / "no" / "s.png")], "does not exist")]:
+        code, out, err = run_main(["registry", "compare", *args, "--store", store_uri], capsys)
+        assert code == 2 and message in error_lines(err)[0] and out == "", args
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("scores", "none", "no", "."))) == [
+        "scores.png", "scores.svg"]
