@@ -23,6 +23,7 @@ from registry.runs import (
     write_manifest,
 )
 from registry.store import MiB, PreconditionFailed, TransferSettings, open_store
+from tests.alias_race import move_alias_before_our_write
 from tests.conftest import SAMPLE_RECORD
 
 
@@ -270,19 +271,7 @@ def test_stale_alias_update_is_retried(store_uri: str, publish_sample_run: Calla
     reg.register("m", run_uri, aliases=["champion"])
     reg.register("m", run_uri)
     other = Registry.open(store_uri + "/registry")
-    real_put = reg.store.put_bytes
-    conflicts: list[str] = []
-
-    def put_bytes(key: str, data: bytes, **kw: Any) -> Any:
-        if key.endswith("aliases.json") and not conflicts:
-            other.set_alias("m", 1, "staging")  # lands between our read and our write
-        try:
-            return real_put(key, data, **kw)
-        except PreconditionFailed:
-            conflicts.append(key)
-            raise
-
-    monkeypatch.setattr(reg.store, "put_bytes", put_bytes)
+    conflicts = move_alias_before_our_write(reg, monkeypatch, lambda: other.set_alias("m", 1, "staging"))
     reg.set_alias("m", 2, "prod")
     assert conflicts == ["models/m/aliases.json"]  # our first, stale write was refused, then retried
     assert {a: reg.get(f"m@{a}").version for a in ("champion", "staging", "prod")} == {

@@ -16,7 +16,7 @@ import pytest
 
 from registry.errors import ConfigError
 from registry.registry import Registry
-from registry.store import PreconditionFailed
+from tests.alias_race import move_alias_before_our_write
 from tests.cli import error_lines, run_main
 from tests.conftest import SAMPLE_RECORD
 
@@ -109,19 +109,8 @@ def test_gate_is_checked_against_a_concurrent_move(store_uri: str, publish_sampl
     (0.70) between our read and our compare-and-swap: the swap fails, the retry sees v3 and refuses."""
     reg = _versions(store_uri, publish_sample_run, [0.55, 0.60, 0.70])
     other = Registry.open(store_uri + "/registry")
-    real_put = reg.store.put_bytes
-    conflicts: list[str] = []
-
-    def put_bytes(key: str, data: bytes, **kw: Any) -> Any:
-        if key.endswith("aliases.json") and not conflicts:
-            other.set_alias("m", 3, "production", require=["medqa"])  # lands between our read and our write
-        try:
-            return real_put(key, data, **kw)
-        except PreconditionFailed:
-            conflicts.append(key)
-            raise
-
-    monkeypatch.setattr(reg.store, "put_bytes", put_bytes)
+    conflicts = move_alias_before_our_write(
+        reg, monkeypatch, lambda: other.set_alias("m", 3, "production", require=["medqa"]))
     with pytest.raises(ConfigError, match=r"m:2 scores 60.0% .* lower than m:3 \(@production now\)"):
         reg.set_alias("m", 2, "production", require=["medqa"])
     assert conflicts == ["models/m/aliases.json"]  # our stale write was refused, then the gate ran again
