@@ -165,6 +165,12 @@ def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: 
     return result
 
 
+def _hub_base_model(uri: str) -> list[str]:
+    """The card's ``base_model:`` line: the Hub reads it as a repo id, so it is written only for an ``hf://``
+    base (``org/name``); a local, ``s3://``, ``ms://`` or ``pkg://`` base is named in the text instead."""
+    return [f"base_model: {uri.removeprefix('hf://')}"] if uri.startswith("hf://") else []
+
+
 def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
                answers: dict[str, list[dict[str, str]]], *, loss_image: str | None = None,
                loss_series: str | None = None) -> str:
@@ -175,7 +181,7 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
     """
     base, data = lineage["base_model"], lineage["dataset"]
     lines = [
-        "---", "license: apache-2.0", f"base_model: {base['uri'].removeprefix('hf://')}",
+        "---", "license: apache-2.0", *_hub_base_model(base["uri"]),
         "tags: [medical, reasoning, lora, medft]", "---", "",
         f"# {cfg.output.model_name}", "",
         f"A LoRA fine-tune of `{base['uri']}` (revision `{base.get('revision') or 'unpinned'}`) for step-by-step "

@@ -183,7 +183,8 @@ def _value(spec: BenchmarkSpec, record: dict[str, Any], col: str, field_name: st
     if col not in record:
         have = ", ".join(repr(str(k)[:40]) for k in list(record)[:20]) or "no columns"
         raise DataError(f"{where}: missing column {col!r} (the {field_name} of benchmark {spec.name}); the row "
-                        f"has {have}; point --dataset at the {spec.name} data or set its columns.{field_name}")
+                        f"has {have}; give the {spec.name} data (medft eval --data {spec.name}=FILE) or map the column "
+                        f"with eval.benchmark_sources.{spec.name}.columns.{field_name}")
     return record[col]
 
 

@@ -142,8 +142,8 @@ def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
     names = sorted({n for e in entries for n in e["benchmarks"]})
     if not names:
         refs = ", ".join(e["ref"] for e in entries)
-        raise ConfigError(f"--image: none of {refs} has a benchmark score to draw; train with eval.benchmarks "
-                          "(or score them with medft eval) first, or leave out --image")
+        raise ConfigError(f"--image: none of {refs} has a benchmark score to draw (scores come from training with "
+                          "eval.benchmarks); leave out --image")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -182,12 +182,27 @@ def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+# What makes two scores of one benchmark comparable: the same questions, answered under the same token limit.
+_SCORED_ON = (("content_sha256", "questions"), ("max_new_tokens", "max_new_tokens"))
+
+
+def _scored_differently(a: BenchmarkScore, b: BenchmarkScore) -> str | None:
+    """What differs between how ``a`` and ``b`` were scored (``questions``, ``max_new_tokens``), or None.
+
+    Only what both scores record is compared: an older record without a field does not block.
+    """
+    differs = [label for field, label in _SCORED_ON
+               if getattr(a, field) is not None and getattr(b, field) is not None and getattr(a, field) != getattr(b, field)]
+    return " and ".join(differs) or None
+
+
 def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
                  alias: str) -> str | None:
     """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may.
 
-    Refused when ``candidate`` has no score on a required benchmark, or a lower accuracy than ``current``
-    (the version the alias points at now) has on it. A current version without a score does not block.
+    Refused when ``candidate`` has no score on a required benchmark, was scored on other questions or with
+    another ``max_new_tokens`` than ``current`` (the version the alias points at now), or has a lower accuracy
+    than ``current`` on it. A current version without a score does not block.
     """
     if current is not None and current.version == candidate.version:
         return None
@@ -200,8 +215,15 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
             return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); train it with "
                     f"eval.benchmarks including {name}, or pass --force to move @{alias} anyway")
         other = theirs.get(name)
-        if current is not None and other is not None and isinstance(other.accuracy, (int, float)) \
-                and score.accuracy < other.accuracy:
+        if current is None or other is None or not isinstance(other.accuracy, (int, float)):
+            continue
+        differs = _scored_differently(score, other)
+        if differs:
+            return (f"{candidate.ref} and {current.ref} (@{alias} now) were scored on {name} with different "
+                    f"{differs}, so their accuracies cannot be compared; score both the same way "
+                    f"(eval.benchmark_limit, eval.benchmark_seed, eval.benchmark_max_new_tokens, the benchmark's "
+                    "source), or pass --force to move it anyway")
+        if score.accuracy < other.accuracy:
             return (f"{candidate.ref} scores {format_score(score.model_dump(mode='json'))} on {name}, lower than "
                     f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}; pass --force "
                     "to move it anyway")

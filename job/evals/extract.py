@@ -14,12 +14,17 @@
    1. *Explicit answer markers*, the last one wins (a model that corrects itself is scored on its
       correction): ``answer is (B)``, ``Answer: B``, ``the correct answer is B) ...``, ``final answer:
       **C**``, ``the best choice is D``, ``I would choose B``, ``\\boxed{B}``, ``答案：B``, ``答案是B``,
-      ``正确答案为 B``, ``选B``. After a marker comes a letter (optionally in parentheses, brackets or bold)
+      ``正确答案为 B``, ``正确选项是B``, ``选B``. After a marker comes a letter (optionally in parentheses, brackets or bold)
       or the text of an option (``The answer is yes``, ``The answer is aspirin``). An uppercase letter must
       not run on into a word (``Aspirin``); a lowercase one counts only when enclosed or followed by
       punctuation or the end of the line, so ``the answer is a rare ...`` is not ``A``.
+      The same tier reads a letter named *before* its verdict: ``B is the correct answer``, ``Therefore, (B)
+      is correct``, ``Option C is the best choice``, ``so D is right`` (an uppercase letter opening a line
+      or clause, after ``option``/``so``/``thus``/``therefore``/``hence``/``then``/``and``, or enclosed;
+      then ``is``/``would be``, then ``correct``, ``right`` or ``the (correct|right|best|most likely)
+      answer|option|choice``), so ``Hepatitis B is the most likely answer`` is not ``B``.
    2. *A lone letter*: the region is just ``B``, ``b``, ``B.``, ``(B)`` or ``**B**``.
-   3. *Option mentions*: ``option B``, ``choice (C)``.
+   3. *Option mentions*: ``option B``, ``choice (C)``, ``选项B``.
    4. *Enclosed or emphasised letters*: ``**B**``, ``**B. text**``, ``(B)``, ``[B]``, or a line starting
       ``B.``/``B)``/``B:``.
    5. *Option text*: the text of exactly one option occurs in the region (case, whitespace and punctuation
@@ -47,12 +52,21 @@ _EN_MARKER = (
     r"|\bI\s+(?:would\s+|will\s+)?(?:choose|select|pick|go\s+with))"
     r"[\s:=\-\u2013\u2014>*_]*(?i:(?:option|choice)\s*)?"
 )
-_ZH_MARKER = r"(?:正确答案|最终答案|答案|应选|选择|选)\s*(?:应该是|应为|是|为)?\s*:?\s*"
+_ZH_MARKER = r"(?:正确答案|最终答案|答案|正确选项|应选|选择|选)\s*(?:应该是|应为|是|为)?\s*:?\s*"
+# A letter named before its verdict ("B is the correct answer", "(C) is correct"): uppercase, and opening a
+# line or clause, after "option"/"so"/"thus"..., or enclosed, so neither the article in "A correct answer
+# needs ..." nor a name such as "Hepatitis B is the most likely answer" is read as a choice.
+_VERDICT_AFTER = re.compile(
+    r"(?:(?m:^)[ \t>*-]*|[.:;,!?][ \t]+|(?i:\b(?:option|choice|so|thus|therefore|hence|then|and))[ \t]+"
+    r"|[ \t](?=[(\[]|\*\*))"
+    r"[*_(\[]*(?P<l>[A-Z])[*_)\]]*[ \t]+(?:is|would\s+be)\s+"
+    r"(?:(?:the\s+)?(?:correct|right|best|most\s+likely)\s+(?:answer|option|choice)\b|(?:correct|right)\b)"
+)
 _BOXED = r"\\boxed\{\s*(?:\\text(?:bf)?\{)?"
 _MARKERS = re.compile(f"{_EN_MARKER}|{_ZH_MARKER}|{_BOXED}")
 _OPEN = " \t*_([\"'"
 _LOWER_FOLLOW = ").:,;*]"
-_OPTION_MENTION = re.compile(r"(?i:\b(?:option|choice))\s*[(\[]?\s*(?P<l>[A-Za-z])(?![A-Za-z0-9])")
+_OPTION_MENTION = re.compile(r"(?:(?i:\b(?:option|choice))|选项)\s*[(\[]?\s*(?P<l>[A-Za-z])(?![A-Za-z0-9])")
 _ENCLOSED = (
     re.compile(r"\*\*[(\[]?(?P<l>[A-Z])(?:\*\*|[)\].:])"),
     re.compile(r"\((?P<l>[A-Z])\)"),
@@ -104,12 +118,14 @@ def _option_at(text: str, pos: int, options: Mapping[str, str]) -> str | None:
 
 
 def _marked(text: str, options: Mapping[str, str], letters: str) -> str | None:
-    found = None
+    """Tier 1: the choice of the last marker (or letter-then-verdict) in ``text`` that names one."""
+    found: list[tuple[int, str]] = []
     for m in _MARKERS.finditer(text):
         choice = _letter_at(text, m.end(), letters) or _option_at(text, m.end(), options)
         if choice is not None:
-            found = choice
-    return found
+            found.append((m.start(), choice))
+    found += [(m.start(), m["l"]) for m in _VERDICT_AFTER.finditer(text) if m["l"] in letters]
+    return max(found)[1] if found else None
 
 
 def _unique(found: set[str]) -> str | None:

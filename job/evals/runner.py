@@ -20,17 +20,16 @@ Greedy decoding gives the same completions batched and one question at a time (l
 positions follow the mask), and the same ones on every run. Seeded sampling (``temperature > 0`` with a
 seed) repeats on the same machine with the same batch size.
 
-The engine prints nothing: ``progress(done, total)`` is called after every batch;
-:func:`terminal_progress` gives a callback that draws a progress line on a terminal.
+The engine prints nothing: ``progress(done, total)`` is called after every batch (the suite turns it into
+a :mod:`registry.progress` task, so it shows as a bar on a terminal and nowhere else).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from job.evals.extract import extract_choice
 from job.evals.scoring import BenchmarkResult, ItemResult, score
@@ -176,19 +175,3 @@ def run_benchmark(loaded: Loaded, benchmark: str, questions: Sequence[Question],
              no_answer_share=round(result.no_answer_share, 4), hit_limit_share=round(result.hit_limit_share, 4),
              seconds=round(seconds, 2), tokens_per_s=round(generated / seconds, 1) if seconds > 0 else None)
     return BenchmarkRun(result=result, items=ordered, seconds=round(seconds, 3), generated_tokens=generated)
-
-
-def terminal_progress(label: str, stream: TextIO | None = None) -> Progress | None:
-    """A progress callback drawing ``label: done/total questions`` on one line of ``stream`` (stderr by
-    default), or None when the stream is not a terminal (logs and pipes get no carriage returns)."""
-    out = stream if stream is not None else sys.stderr
-    if not getattr(out, "isatty", lambda: False)():
-        return None
-
-    def show(done: int, total: int) -> None:
-        out.write(f"\r{label}: {done}/{total} questions")
-        if done >= total:
-            out.write("\n")
-        out.flush()
-
-    return show

@@ -8,15 +8,14 @@ card keep.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TextIO
 
-from job.evals.runner import BenchmarkRun, EvalSettings, run_benchmark, terminal_progress
+from job.evals.runner import BenchmarkRun, EvalSettings, run_benchmark
 from job.evals.sources import BenchmarkData, load_questions
 from job.inference.loading import Loaded
 from job.medical_benchmarks import BenchmarkOverride, get_benchmark
+from registry.progress import Progress, Task, current
 from registry.records import BenchmarkScore
 
 
@@ -53,10 +52,24 @@ def to_score(data: BenchmarkData, run: BenchmarkRun, settings: EvalSettings) -> 
         max_new_tokens=settings.sampling.max_new_tokens, seconds=run.seconds)
 
 
+def _advancing(task: Task) -> Callable[[int, int], None]:
+    """The engine's ``progress(done, total)`` callback, advancing ``task`` by the questions newly answered."""
+    answered = 0
+
+    def advance(done: int, total: int) -> None:
+        nonlocal answered
+        task.advance(done - answered)
+        answered = done
+
+    return advance
+
+
 def score_suite(loaded: Loaded, suite: Sequence[BenchmarkData], settings: EvalSettings, *,
-                progress_stream: TextIO | None = None) -> dict[str, BenchmarkScore]:
-    """Every benchmark of ``suite`` asked of ``loaded``, by name; progress is drawn on ``progress_stream``
-    (stderr by default) when it is a terminal. The model is switched to eval mode for the run and back."""
+                progress: Progress | None = None) -> dict[str, BenchmarkScore]:
+    """Every benchmark of ``suite`` asked of ``loaded``, by name. Each benchmark is a task of ``progress``
+    (default: the process's own, bars on a terminal and nothing elsewhere) counting questions answered. The
+    model is switched to eval mode for the run and back."""
+    progress = progress or current()
     model = loaded.model
     was_training = bool(getattr(model, "training", False))
     model.eval()
@@ -64,8 +77,8 @@ def score_suite(loaded: Loaded, suite: Sequence[BenchmarkData], settings: EvalSe
         scores = {}
         for data in suite:
             name = data.spec.name
-            progress = terminal_progress(f"{name} ({loaded.label})", progress_stream or sys.stderr)
-            run = run_benchmark(loaded, name, data.questions, settings, progress=progress)
+            with progress.task(f"{name} ({loaded.label})", total=len(data.questions), unit="question") as task:
+                run = run_benchmark(loaded, name, data.questions, settings, progress=_advancing(task))
             scores[name] = to_score(data, run, settings)
         return scores
     finally:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from job.evals.extract import extract_choice
-from job.evals.runner import EvalSettings, reasoning_tokens, run_benchmark, terminal_progress
+from job.evals.runner import EvalSettings, reasoning_tokens, run_benchmark
 from job.evals.sources import load_questions
 from job.inference import Loaded, Sampling, stop_ids
 from job.inference.generate import decoder
@@ -142,17 +143,78 @@ def test_reasoning_tokens_count_the_tokens_before_the_last_think_close(tmp_path:
     assert reasoning_tokens(head + tail, decode) == len(head + tail)  # never closed: all of it
 
 
-def test_terminal_progress_draws_only_on_a_terminal() -> None:
-    import io
+class _ScriptedModel:
+    """Answers every prompt with a completion chosen from the prompt's question, then EOS and padding, the way
+    ``generate`` returns a batch (prompt columns first). What a trained model would say, without training one:
+    the engine's batching, cutting, stopping, extraction and scoring are what is under test."""
 
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+    device = torch.device("cpu")
+    generation_config = None
 
-    assert terminal_progress("medqa", io.StringIO()) is None
-    out = Tty()
-    show = terminal_progress("medqa", out)
-    assert show is not None
-    show(3, 5)
-    show(5, 5)
-    assert out.getvalue() == "\rmedqa: 3/5 questions\rmedqa: 5/5 questions\n"
+    def __init__(self, tokenizer: Any, answers: dict[str, str]) -> None:
+        self.tokenizer, self.answers = tokenizer, answers
+        self.training = False
+
+    def eval(self) -> None:
+        self.training = False
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config: Any) -> torch.Tensor:
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = self.tokenizer.decode([t for t, m in zip(ids, mask) if m])
+            [text] = [answer for question, answer in self.answers.items() if question in prompt]
+            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id])
+        width = max(len(r) for r in rows) + 3  # rows that stopped early are padded, as in a real batch
+        new = [r + [generation_config.pad_token_id] * (width - len(r)) for r in rows]
+        return torch.cat([input_ids, torch.tensor(new, dtype=torch.long)], dim=1)
+
+
+def test_right_answers_score_right_and_wrong_ones_wrong(tmp_path: Path) -> None:
+    """Known completions through the whole engine (pad = EOS, as in the R1-Distill tokenizers): every right
+    answer counts, a wrong one and one with no readable choice do not, and reasoning length is measured."""
+    from job.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(write_r1_distill_tokenizer(tmp_path / "r1"), trust_remote_code=False)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    questions = _questions(tmp_path)
+    wrong = {q.id: next(letter for letter in q.options if letter != q.gold) for q in questions}
+    said = {q.question: f"Weighing the options.\n</think>\nThe answer is ({q.gold})." for q in questions}
+    said[questions[1].question] = f"Weighing the options.\n</think>\nThe answer is ({wrong[questions[1].id]})."
+    said[questions[3].question] = "Weighing the options.\n</think>\nI cannot tell."
+    loaded = Loaded(label="scripted", model=_ScriptedModel(tokenizer, said), tokenizer=tokenizer,
+                    template=get_template("r1-medical"), backend="transformers")
+    run = run_benchmark(loaded, "mixed", questions, EvalSettings(batch_size=2))
+    assert [item.choice for item in run.items] == [
+        questions[0].gold, wrong[questions[1].id], questions[2].gold, None, questions[4].gold]
+    assert all(item.stopped for item in run.items) and run.result.hit_limit_share == 0
+    assert (run.result.correct, run.result.scored) == (3, 5) and run.result.accuracy == pytest.approx(0.6)
+    assert run.result.no_answer_share == pytest.approx(0.2)
+    head = len(tokenizer("Weighing the options.\n", add_special_tokens=False)["input_ids"])
+    assert {item.reasoning_tokens for item in run.items} == {head}
+
+
+def test_the_suite_reports_each_benchmark_as_a_progress_task(tmp_path: Path) -> None:
+    """Questions answered show as one task per benchmark (bars on a terminal; tests record them), and the
+    model is put back in training mode after scoring inside a job."""
+    from job.evals.suite import BenchmarkChoice, load_suite, score_suite
+    from job.tokenizer import load_tokenizer
+    from tests.progress_recorder import RecordingProgress
+
+    tokenizer = load_tokenizer(write_r1_distill_tokenizer(tmp_path / "r1"), trust_remote_code=False)
+    choices = {name: BenchmarkChoice(file=str(write_benchmark(tmp_path, name))) for name in ("medqa", "pubmedqa")}
+    suite = load_suite(["medqa", "pubmedqa"], choices)
+    said = {q.question: f"</think>The answer is {q.gold}." for data in suite for q in data.questions}
+    model = _ScriptedModel(tokenizer, said)
+    model.train()
+    loaded = Loaded(label="scripted", model=model, tokenizer=tokenizer, template=get_template("r1-medical"),
+                    backend="transformers")
+    recorder = RecordingProgress()
+    scores = score_suite(loaded, suite, EvalSettings(batch_size=2), progress=recorder)
+    assert {name: score.accuracy for name, score in scores.items()} == {"medqa": 1.0, "pubmedqa": 1.0}
+    assert [(t.description, t.total, t.done, t.closed) for t in recorder.tasks] == [
+        (f"{data.spec.name} (scripted)", len(data.questions), len(data.questions), True) for data in suite]
+    assert all(a <= 2 for t in recorder.tasks for a in t.advances)  # advanced batch by batch
+    assert model.training

@@ -85,6 +85,28 @@ def test_gate_refuses_a_version_without_the_score_or_with_a_lower_one(
         reg.set_alias("m", 3, "staging2", require=["medqa"])
 
 
+def test_gate_refuses_scores_taken_on_other_questions_or_token_limits(
+        tmp_path: Path, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A higher accuracy on 50 other questions, or on the same questions with a quarter of the tokens, says
+    nothing about being better: the move is refused until both were scored the same way."""
+    store_uri = str(tmp_path / "store")
+    reg = Registry.open(store_uri + "/registry")
+    changes = [{}, {"content_sha256": "d" * 64, "scored": 50, "limit": 50}, {"max_new_tokens": 256}, {}]
+    for n, change in enumerate(changes, start=1):
+        record = _record(0.55 + n / 100)
+        record["metrics"]["benchmarks_after"]["medqa"].update(change)
+        reg.register("m", publish_sample_run(store_uri, run_id=f"run-{n}", record=record),
+                     aliases=["production"] if n == 1 else [])
+    args = ["--require", "medqa", "--store", store_uri]
+    for version, differs in [("2", "different questions"), ("3", "different max_new_tokens")]:
+        code, out, err = run_main(["registry", "alias", "m", "production", version, *args], capsys)
+        [line] = error_lines(err)
+        assert code == 2 and f"m:{version} and m:1 (@production now) were scored on medqa with {differs}" in line
+        assert reg.get("m@production").version == 1
+    code, out, _ = run_main(["registry", "alias", "m", "production", "4", *args], capsys)  # scored alike
+    assert code == 0 and reg.get("m@production").version == 4
+
+
 def test_force_moves_past_the_gate_and_records_the_override(
         store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
     reg = _versions(store_uri, publish_sample_run, [0.55, 0.50])

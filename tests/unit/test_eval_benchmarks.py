@@ -110,6 +110,8 @@ def test_missing_column_names_dataset_row_and_column(tmp_path: Path, suffix: str
     msg = e.value.message
     assert e.value.exit_code == 3
     assert str(path) in msg and "row 1" in msg and "missing column 'opc'" in msg and "medmcqa" in msg
+    # The fix it suggests names the real option and config key.
+    assert "medft eval --data medmcqa=FILE" in msg and "eval.benchmark_sources.medmcqa.columns." in msg
 
 
 def test_a_later_bad_row_is_named(tmp_path: Path) -> None:

