@@ -98,6 +98,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         with stage("eval_after"):
             after = evaluate.evaluate(backend.for_inference(peft_model), tokenizer, prepared.eval, cfg, "after")
             benchmarks_after = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "after")
+        trackers.check()  # one that went down while training is skipped now, and the record says so
         boundary("after training (the last checkpoint holds the trained adapter)")
         out = run.work_dir / "export"
         shutil.rmtree(out, ignore_errors=True)

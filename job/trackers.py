@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from job.config import JobConfig
 from job.lifecycle import Run
 from registry.errors import DataError, MedftError, Preempted
-from registry.logs import get_logger, redact
+from registry.logs import get_logger, redact, route_stdlib_logger
 from registry.records import RunRecord, TrackerRun, dump
 from registry.registry import ModelVersion
 from registry.store import Store
@@ -61,6 +61,9 @@ class Tracker(Protocol):
 
     def log_results(self, numbers: dict[str, float], documents: dict[str, Any], tags: dict[str, str]) -> None:
         """medft's results: flat numbers, JSON documents (data report, plan...) and link tags."""
+
+    def check(self) -> None:
+        """Send what training logged and raise if the tracker cannot be reached now (called after training)."""
 
     def close(self, status: str) -> None:
         """End the run: ``finished``, ``preempted`` (to be resumed) or ``failed``."""
@@ -101,6 +104,9 @@ class WandbTracker:
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update({"medft": config}, allow_val_change=True)
 
+    def check(self) -> None:
+        pass  # W&B's own service process buffers and retries the run's data; nothing to ask it here
+
     def log_results(self, numbers: dict[str, float], documents: dict[str, Any], tags: dict[str, str]) -> None:
         self.run.summary.update({**numbers, **{f"medft/{k}": v for k, v in documents.items()}, **tags})
 
@@ -114,6 +120,7 @@ class MlflowTracker:
     def __init__(self) -> None:
         import mlflow
 
+        route_stdlib_logger("mlflow")  # its own stderr handler would put plain text between the JSON lines
         self.mlflow = mlflow
         self.run_id: str | None = None
 
@@ -154,6 +161,12 @@ class MlflowTracker:
         for name, doc in documents.items():
             client.log_text(self.run_id, json.dumps(doc, indent=2), f"medft/{name}.json")
 
+    def check(self) -> None:
+        # transformers' MLflowCallback logs asynchronously: a server that went away during training shows only
+        # in mlflow's own log. Flush the queue, then ask the server for the run (bounded retries, _BOUNDS).
+        self.mlflow.flush_async_logging()
+        self.mlflow.MlflowClient().get_run(self.run_id)
+
     def close(self, status: str) -> None:
         self.mlflow.end_run({"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
 
@@ -177,6 +190,9 @@ class TensorBoardTracker:
     def log_config(self, config: dict[str, Any]) -> None:
         self.writer.add_text("medft/config", _markdown_json(config), 0)
         self.writer.flush()
+
+    def check(self) -> None:
+        self.writer.flush()  # a full or vanished log dir shows here
 
     def log_results(self, numbers: dict[str, float], documents: dict[str, Any], tags: dict[str, str]) -> None:
         for k, v in numbers.items():
@@ -268,6 +284,17 @@ class Trackers:
         ids = {name: r.run_id for name, r in self.runs.items() if r.run_id}
         if ids and ids != previous:
             store.put_bytes(IDS_FILE, json.dumps(ids, indent=2, sort_keys=True).encode())
+
+    def check(self) -> None:
+        """After training: a tracker that went down meanwhile is skipped now (one warning), so the record the
+        run publishes says so. Never raises."""
+        for name, tracker in list(self.live.items()):
+            clock = time.perf_counter()
+            try:
+                tracker.check()
+            except Exception as e:  # noqa: BLE001 - a tracker that is down must not stop the run
+                self._skip(name, e, seconds=time.perf_counter() - clock)
+                self._close(tracker, "failed")
 
     def finish(self, record: RunRecord, version: ModelVersion) -> None:
         """Log medft's results and the registry links into every live tracker run, then end them as finished."""

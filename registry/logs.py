@@ -136,5 +136,14 @@ def route_library_logs() -> None:
     transformers_logging.enable_propagation()
 
 
+def route_stdlib_logger(name: str) -> None:
+    """Send the records of the standard-library logger ``name`` (e.g. ``mlflow``, which installs a stderr handler
+    of its own and stops propagation) through the handler :func:`configure` set up."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+
+
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name)

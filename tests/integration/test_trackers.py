@@ -2,8 +2,8 @@
 
 One MLflow tracking server per module, started on 127.0.0.1 with a SQLite backend; W&B runs in offline mode and
 its run file is read back with W&B's own protobuf records; TensorBoard's event files with its EventAccumulator.
-Also: a tracker that is down costs a warning and a few seconds, never the run; a run resumed after SIGTERM
-continues the same MLflow run.
+Also: a tracker that is down at the start or goes down while training costs a warning and a few seconds, never
+the run; a run resumed after SIGTERM continues the same MLflow run.
 """
 
 from __future__ import annotations
@@ -38,10 +38,8 @@ FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 FAKE_MLFLOW_PASSWORD = "mlflow-pass-7f3a9c1e5b"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> Any:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend; its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
+def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend under ``root``: the process and its URI."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -54,22 +52,32 @@ def mlflow_server(tmp_path_factory) -> Any:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, uri
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Any:
+    """One MLflow server for the module's tests; its URI."""
+    proc, uri = _start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     try:
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def _record(store: str, run_id: str) -> RunRecord:
@@ -209,6 +217,34 @@ def test_a_tracker_that_is_down_costs_one_warning_and_seconds_not_the_run(tiny_m
     skipped_at = datetime.fromisoformat(warnings[0]["timestamp"])
     pull = next(e for e in events if e["event"] == "stage.start" and e["stage"] == "pull")
     assert 0 <= (datetime.fromisoformat(pull["timestamp"]) - skipped_at).total_seconds() < 1  # straight on
+
+
+def test_a_tracker_that_goes_down_while_training_is_skipped_not_the_run(tiny_model_dir, s3_bucket, job_env,
+                                                                       tmp_path):
+    """The MLflow server is killed after step 2 (the job held with SIGSTOP meanwhile): the run trains on and
+    publishes, warns once, records mlflow as skipped, and its stderr stays JSON lines (mlflow's own error
+    lines included)."""
+    proc, uri = _start_mlflow_server(tmp_path)
+    env = {**job_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "medft-gone"}
+    job = Job(medft_cmd(*job_args(tiny_model_dir, s3_bucket, "run-gone", *FAST, "--set", "train.max_steps=6",
+                                  "--set", "train.report_to=[mlflow]")), cwd=ROOT, env=env)
+    try:
+        job.wait_for("tracker.started", tracker="mlflow")
+        job.wait_for("train.progress", step=lambda s: s >= 2)
+        job.kill(signal.SIGSTOP)
+    finally:
+        _stop(proc)
+    job.kill(signal.SIGCONT)
+    assert job.wait() == 0, job.stderr[-3000:]
+    warnings = [e for e in job.events if e.get("level") == "warning" and e["event"].startswith("tracker.")]
+    assert [(w["event"], w["tracker"]) for w in warnings] == [("tracker.skipped", "mlflow")]
+    assert warnings[0]["seconds"] < 30  # bounded retries, not the library's minutes
+    record = _record(s3_bucket, "run-gone")
+    assert record.metrics.steps == 6 and record.metrics.trackers["mlflow"].status == "skipped"
+    assert "Connection" in record.metrics.trackers["mlflow"].reason
+    assert [v.version for v in registry_versions(s3_bucket, "tiny")] == [1]
+    plain = [line for line in job.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert plain == [], plain[:5]
 
 
 def test_resume_after_sigterm_continues_the_same_mlflow_run(tiny_model_dir, s3_bucket, job_env, mlflow_server):
