@@ -247,29 +247,45 @@ def test_a_tracker_that_goes_down_while_training_is_skipped_not_the_run(tiny_mod
     assert plain == [], plain[:5]
 
 
-def test_resume_after_sigterm_continues_the_same_mlflow_run(tiny_model_dir, s3_bucket, job_env, mlflow_server):
+def test_resume_after_sigterm_continues_the_same_tracker_runs(tiny_model_dir, s3_bucket, job_env, mlflow_server,
+                                                               tmp_path):
+    """SIGTERM after step 3, then the same run again: one MLflow run (KILLED, then FINISHED, every step once)
+    and one W&B run id (offline: a second run dir with the same id, which ``wandb sync`` joins)."""
     from mlflow import MlflowClient
 
     steps = 6
-    env = {**job_env, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "medft-resume"}
+    env = {**job_env, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "medft-resume",
+           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "medft-tests"}
     args = job_args(tiny_model_dir, s3_bucket, "run-resume", *FAST, "--set", f"train.max_steps={steps}",
-                    "--set", "train.report_to=[mlflow]")
+                    "--set", "train.report_to=[mlflow,wandb]")
     job = Job(medft_cmd(*args), cwd=ROOT, env=env)
     first = job.wait_for("tracker.started", tracker="mlflow")
+    first_wandb = job.wait_for("tracker.started", tracker="wandb")
     job.wait_for("train.progress", step=lambda s: s >= 3)
     job.kill(signal.SIGTERM)
     assert job.wait() == 143, job.stderr[-3000:]
     client = MlflowClient(mlflow_server)
     assert client.get_run(first["run_id"]).info.status == "KILLED"
     ids = json.loads(open_store(s3_bucket).child("runs/run-resume").get_bytes("trackers.json")[0])
-    assert ids == {"mlflow": first["run_id"]}
+    assert ids == {"mlflow": first["run_id"], "wandb": first_wandb["run_id"]}
 
     done = run_medft(*args, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    started = [e for e in _events(done.stderr) if e["event"] == "tracker.started"]
-    assert [(e["run_id"], e["resumed"]) for e in started] == [(first["run_id"], True)]
+    started = {e["tracker"]: (e["run_id"], e["resumed"]) for e in _events(done.stderr)
+               if e["event"] == "tracker.started"}
+    assert started == {"mlflow": (first["run_id"], True), "wandb": (first_wandb["run_id"], True)}
     experiment = client.get_experiment_by_name("medft-resume")
     (run,) = client.search_runs([experiment.experiment_id])  # one run, not one per life
     assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(1, steps + 1))
-    assert _record(s3_bucket, "run-resume").metrics.trackers["mlflow"].run_id == first["run_id"]
+    trackers = _record(s3_bucket, "run-resume").metrics.trackers
+    assert trackers["mlflow"].run_id == first["run_id"] and trackers["wandb"].run_id == first_wandb["run_id"]
+    run_files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2  # one per life
+    lives = []
+    for run_file in run_files:
+        records = wandb_records(run_file)
+        assert {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"} == {first_wandb["run_id"]}
+        lives.append(sorted(int(json.loads(i.value_json)) for r in records if r.WhichOneof("record_type") == "history"
+                            for i in r.history.item if (i.key or "/".join(i.nested_key)) == "train/global_step"))
+    assert lives[1][-1] == steps and set(lives[0]) | set(lives[1]) >= set(range(1, steps + 1))
