@@ -100,6 +100,8 @@ class ModelConfig(_Section):
     """Hub revision (commit sha, tag or branch) of an hf:// or ms:// ``base``; pin a sha for reproducible runs."""
     merge_base: str | None = None
     """16-bit weights to merge into when ``base`` is pre-quantized (a ...-bnb-4bit repository)."""
+    merge_revision: str | None = None
+    """Hub revision of an hf:// or ms:// ``merge_base`` (default: its default branch); pin a sha to reproduce."""
     max_seq_length: int = Field(2048, gt=0, le=131072)
     load_in_4bit: bool | Literal["auto"] = "auto"
     """4-bit NF4 base weights (QLoRA). ``auto``: on unsloth, 16-bit LoRA when the GPU's memory allows (it trains
@@ -114,6 +116,13 @@ class ModelConfig(_Section):
 
     _check_base = field_validator("base", "merge_base")(
         lambda v, info: v if v is None else check_uri(v, f"model.{info.field_name}"))
+
+    @field_validator("merge_revision")
+    @classmethod
+    def _merge_revision_needs_merge_base(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not info.data.get("merge_base"):
+            raise ValueError("only applies to model.merge_base, which is not set; set both or neither")
+        return v
 
     @field_validator("trust_remote_code")
     @classmethod

@@ -171,6 +171,15 @@ def _hub_base_model(uri: str) -> list[str]:
     return [f"base_model: {uri.removeprefix('hf://')}"] if uri.startswith("hf://") else []
 
 
+def _merged_into(merge_base: dict[str, Any] | None) -> str:
+    """The card's sentence on ``model.merge_base``: the 16-bit weights the adapter was merged into, when those
+    are not the base it trained on."""
+    if not merge_base:
+        return ""
+    return (f" The merged weights are the adapter merged into `{merge_base['uri']}` (revision "
+            f"`{merge_base.get('revision') or 'unpinned'}`).")
+
+
 def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
                answers: dict[str, list[dict[str, str]]], *, loss_image: str | None = None,
                loss_series: str | None = None) -> str:
@@ -186,7 +195,7 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
         f"# {cfg.output.model_name}", "",
         f"A LoRA fine-tune of `{base['uri']}` (revision `{base.get('revision') or 'unpinned'}`) for step-by-step "
         "medical reasoning, trained and merged by medft. The model reasons inside `<think>...</think>` and then "
-        "answers.", "",
+        "answers." + _merged_into(lineage.get("merge_base")), "",
         "**Not medical advice.** This model is a research artifact. Its answers can be wrong, incomplete or "
         "out of date and must not be used to diagnose or treat anyone.", "",
         "## Training data", "",

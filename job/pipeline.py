@@ -79,7 +79,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             model.check_base_tokenizer(cfg, rows)  # so does a tokenizer that loses text: its files alone are fetched
             benchmark_suite = load_job_benchmarks(cfg)  # so do the benchmarks' questions (eval.benchmarks)
             weights = model.pull_weights(cfg.model.base, cfg.model.revision)
-            merge_weights = model.pull_weights(cfg.model.merge_base, None) if cfg.model.merge_base else weights
+            merge_weights = (model.pull_weights(cfg.model.merge_base, cfg.model.merge_revision)
+                             if cfg.model.merge_base else weights)
             if not targets_checked:
                 preflight.check_target_modules(cfg, weights.path / "config.json")
         boundary("after pulling")
@@ -126,7 +127,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             trackers=trackers.records(),
             benchmarks_before=benchmarks_before, benchmarks_after=benchmarks_after,
         )
-        lineage = Lineage(base_model=weights.lineage(), dataset=data.used_identity(identity, prepared).to_dict())
+        lineage = Lineage(base_model=weights.lineage(), dataset=data.used_identity(identity, prepared).to_dict(),
+                          merge_base=merge_weights.lineage() if cfg.model.merge_base else None)
         answers = {"before": before["answers"], "after": after["answers"]}
         card = export.model_card(cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
                                  loss_series=loss_curve.SERIES)

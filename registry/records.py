@@ -56,9 +56,11 @@ class DatasetLineage(_Record):
 
 
 class Lineage(_Record):
-    """Where a run's weights came from: its base model and its dataset."""
+    """Where a run's weights came from: its base model, the 16-bit weights it was merged into when those are
+    another model (``model.merge_base``; None when the merge used the base), and its dataset."""
 
     base_model: BaseModelLineage = BaseModelLineage()
+    merge_base: BaseModelLineage | None = None
     dataset: DatasetLineage = DatasetLineage()
 
     @field_validator("base_model", "dataset", mode="before")

@@ -130,3 +130,41 @@ def test_dry_run_prints_plan_and_touches_nothing(tmp_path, job_env):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model_name: smollm2-medical-demo" in proc.stdout and "register smollm2-medical-demo" in proc.stdout
     assert not (tmp_path / "store").exists()
+
+
+def test_a_merge_base_is_pulled_recorded_in_lineage_and_named_in_the_card(tiny_model_dir, s3_bucket, job_env,
+                                                                          tmp_path):
+    """``model.merge_base`` (the 16-bit weights a pre-quantized base is merged into) is part of the lineage:
+    its URI, revision and the sha256 of every weight file, as for the base; and the merge uses it."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    merge_base = tmp_path / "merge-base"
+    shutil.copytree(tiny_model_dir, merge_base)
+    weights = load_file(merge_base / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 1.0  # other 16-bit weights than the base's: the merge must use these
+    save_file(weights, merge_base / "model.safetensors", metadata={"format": "pt"})
+    proc = run_medft(*job_args(tiny_model_dir, s3_bucket, "run-mb", "--set", "export.dtype=float32",
+                               "--set", f"model.merge_base={merge_base}"), env=job_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lineage = _manifest(s3_bucket, "run-mb")["lineage"]
+    sha = hashlib.sha256((merge_base / "model.safetensors").read_bytes()).hexdigest()
+    assert lineage["merge_base"] == {"uri": str(merge_base), "revision": None, "sha256": {"model.safetensors": sha}}
+    assert lineage["base_model"]["uri"] == str(tiny_model_dir) and lineage["base_model"]["sha256"] != {
+        "model.safetensors": sha}
+    store = open_store(s3_bucket).child("runs/run-mb")
+    store.get_file("merged/README.md", tmp_path / "card.md")
+    assert f"merged into `{merge_base}` (revision `unpinned`)" in (tmp_path / "card.md").read_text()
+    store.get_file("merged/model.safetensors", tmp_path / "merged.safetensors")
+    merged = load_file(tmp_path / "merged.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    # The merged q_proj carries the merge base's +1.0 (plus the adapter's small delta), not the base's weights.
+    assert (merged[name] - base[name]).mean().item() == pytest.approx(1.0, abs=0.05)
+
+    # merge_revision without merge_base says what to set.
+    proc = run_medft(*job_args(tiny_model_dir, s3_bucket, "run-mr", "--set", "model.merge_revision=main"),
+                     "--dry-run", env=job_env)
+    assert proc.returncode == 2 and "model.merge_revision" in proc.stderr and "merge_base" in proc.stderr
