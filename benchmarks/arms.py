@@ -56,7 +56,6 @@ MEDFT_OVERRIDES = {
 MEDFT_DEFAULTS = ["model.backend=unsloth"]
 
 
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

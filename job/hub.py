@@ -1,6 +1,7 @@
 """Hugging Face hub datasets, shared by the training data (:mod:`job.data.sources`) and the benchmarks
-(:mod:`job.evals.sources`): whether the hub is offline, the commit a revision resolves to, and the one
-mapping of ``datasets``' many failure types onto medft's exit codes (:func:`hub_dataset_error`).
+(:mod:`job.evals.sources`): whether the hub is offline, the commit a revision resolves to, the one mapping of
+``datasets``' many failure types onto medft's exit codes (:func:`hub_dataset_error`), and the load that
+applies it (:func:`load_hub_dataset`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from registry.errors import AccessDeniedError, ConfigError, MedftError, NotFoundError, TransientError
 from registry.logs import get_logger
@@ -80,3 +82,22 @@ def hub_dataset_error(e: Exception, display: str, keys: HubKeys) -> MedftError |
         key = keys.split if "split" in lowered else keys.config if "config" in lowered else keys.dataset
         return ConfigError(f"{key}: {display}: {msg}")
     return None
+
+
+def load_hub_dataset(name: str, subset: str | None, split: str, *, revision: str | None, cache_dir: str | None,
+                     display: str, keys: HubKeys) -> Any:
+    """``datasets.load_dataset(name, subset, split=..., revision=..., cache_dir=..., token=$HF_TOKEN)``, its
+    failures raised as :func:`hub_dataset_error` maps them for ``display``; an unexpected one as it was (a bug).
+    Returns what ``load_dataset`` returns: the caller checks it is one split."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split, revision=revision, cache_dir=cache_dir,
+                                     token=hf_token())
+    except MedftError:
+        raise
+    except Exception as e:  # datasets raises many types; the expected ones are mapped
+        mapped = hub_dataset_error(e, display, keys)
+        if mapped is None:
+            raise
+        raise mapped from None

@@ -82,7 +82,6 @@ class Preemption:
             raise Preempted(f"stopped by SIGTERM {where}; rerun with the same output.run_id to resume")
 
 
-
 def _disk_full(exc: BaseException, path: Path) -> bool:
     """Whether ``exc`` comes from a full disk under ``path``.
 
@@ -100,7 +99,6 @@ def _disk_full(exc: BaseException, path: Path) -> bool:
         return False
 
 
-
 @contextmanager
 def disk_full_is_transient(path: Path, doing: str) -> Iterator[None]:
     """Turn a full disk under ``path`` into TransientError (exit 75) with one line; other errors pass."""
@@ -113,7 +111,6 @@ def disk_full_is_transient(path: Path, doing: str) -> Iterator[None]:
             raise
         raise TransientError(f"disk full while {doing} under {path}: free space there (MEDFT_CACHE) and rerun "
                              "with the same output.run_id to resume from the last complete checkpoint") from None
-
 
 
 def lease_seconds(env: dict[str, str] | None = None) -> float:
@@ -130,7 +127,6 @@ def lease_seconds(env: dict[str, str] | None = None) -> float:
         raise ConfigError(f"MEDFT_LEASE_SECONDS={raw!r} must be a number of seconds from {low:g} to {high:g} "
                           f"(default {DEFAULT_LEASE_SECONDS:g})")
     return value
-
 
 
 @dataclass
@@ -168,10 +164,8 @@ class Run:
         ])
 
 
-
 class LeaseLost(ConflictError):
     """Another job holds the run's lease now; this one stops without writing (exit 75)."""
-
 
 
 class Lease:
@@ -292,7 +286,6 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
 
 
 class FencedStore:

@@ -33,7 +33,7 @@ from job.config import JobConfig
 from job.lifecycle import Run
 from registry.errors import DataError, MedftError, Preempted
 from registry.logs import get_logger, redact, route_stdlib_logger
-from registry.records import RunRecord, TrackerRun, dump
+from registry.records import RunRecord, TrackerRun, dotted, dump
 from registry.registry import ModelVersion
 from registry.store import Store
 
@@ -144,7 +144,7 @@ class MlflowTracker:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
         params = [Param(f"medft.{k}", (v if isinstance(v, str) else json.dumps(v))[:MAX_PARAM_VAL_LENGTH])
-                  for k, v in _flat_items("", config)]
+                  for k, v in dotted(config).items()]
         client = self.mlflow.MlflowClient()
         for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH])
@@ -208,12 +208,6 @@ class TensorBoardTracker:
 def _markdown_json(doc: Any) -> str:
     # TensorBoard renders text as markdown: indented four spaces, JSON stays a readable code block.
     return "\n".join("    " + line for line in json.dumps(doc, indent=2).splitlines())
-
-
-def _flat_items(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, dict) and value:
-        return [item for k, v in value.items() for item in _flat_items(f"{prefix}.{k}" if prefix else str(k), v)]
-    return [(prefix, value)]
 
 
 def check_installed(cfg: JobConfig) -> None:

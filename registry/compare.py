@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import ConfigError
-from registry.records import BenchmarkScore, RunMetrics
+from registry.records import BenchmarkScore, RunMetrics, dotted
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
     from registry.registry import ModelVersion
@@ -49,18 +49,9 @@ def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
     return dict(metrics.benchmarks_after or {})
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree} if prefix else {}
-
-
 def differing_settings(versions: Sequence[ModelVersion]) -> dict[str, list[Any]]:
     """Config keys (dotted) whose values are not the same in every version, each with its values in order."""
-    flat = [_flatten(mv.config) for mv in versions]
+    flat = [dotted(mv.config) for mv in versions]
     keys = sorted(set().union(*flat)) if flat else []
     return {k: [f.get(k) for f in flat] for k in keys
             if k not in _ALWAYS_DIFFERENT and any(f.get(k) != flat[0].get(k) for f in flat)}

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from registry.errors import AccessDeniedError, ConfigError, ConflictError, MedftError, NotFoundError, TransientError
 from registry.logs import get_logger
 from registry.registry import HubPush, ModelVersion, Registry
+from registry.runs import now_iso
 from registry.uris import parse_uri
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def push(registry: Registry, ref: str, target: str, *, artifact: str = "merged",
         with hub_errors(where, create=create):
             info = _commit(api, repo_id, branch, mv, artifact, local, sorted(files))
     record = HubPush(repo=repo_id, revision=branch, commit=info.oid, url=str(info.commit_url), artifact=artifact,
-                     pushed_at=_now())
+                     pushed_at=now_iso())
     log.info("push.committed", ref=mv.ref, artifact=artifact, repo=repo_id, revision=branch, commit=info.oid,
              files=len(files))
     try:
@@ -139,12 +140,6 @@ def _commit(api: HfApi, repo_id: str, branch: str, mv: ModelVersion, artifact: s
                    f"checked against the sha256 the registry recorded for it before upload.")
     return api.create_commit(repo_id, operations, commit_message=f"medft: {mv.ref} ({artifact})",
                              commit_description=description, repo_type="model", revision=branch)
-
-
-def _now() -> str:
-    from registry.runs import now_iso
-
-    return now_iso()
 
 
 @contextmanager

@@ -179,6 +179,17 @@ class RunRecord(_Record):
 R = TypeVar("R", bound=_Record)
 
 
+def dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (a run's config) as one level with dotted keys, ``{"train.learning_rate": 0.0002, ...}``; an
+    empty dict below the top is a value of its own."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(dotted(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree} if prefix else {}
+
+
 def dump(record: _Record) -> dict[str, Any]:
     """The record as JSON-ready data: the keys it was built or read with, unknown ones included."""
     return record.model_dump(mode="json", exclude_unset=True, by_alias=True)

@@ -32,7 +32,7 @@ from typing import Any
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
 from registry.names import ARTIFACTS, NAME, NAME_RE
 from registry.records import RunRecord, dump, parse_record
-from registry.runs import MANIFEST, manifest_record, read_manifest, run_store, verify_run
+from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
 
 FORMAT = 1
@@ -41,12 +41,6 @@ _VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json$")
 _REQUIRED = ("name", "version", "created_at", "run_id", "run_uri", "artifacts")
 _CAS_ATTEMPTS = 200
 _REGISTER_ATTEMPTS = 10_000
-
-
-def _now() -> str:
-    from registry.runs import now_iso
-
-    return now_iso()
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -263,19 +257,24 @@ class Registry:
         """Every alias move forced past the benchmark gate (``--force``), oldest first."""
         return self._alias_doc(check_name(name))[1]
 
-    def _read(self, name: str, version: int, aliases: dict[str, int] | None = None) -> ModelVersion:
+    def _read_doc(self, name: str, version: int) -> tuple[dict[str, Any], str | None, str]:
+        """The version record as stored: (its JSON, its etag, its URL). NotFoundError when there is none,
+        DataError when it is not JSON."""
         key = self._version_key(name, version)
         try:
-            data, _ = self.store.get_bytes(key)
+            data, etag = self.store.get_bytes(key)
         except BucketNotFound:
             raise
         except NotFoundError:
             raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}") from None
         where = self.store.url(key)
         try:
-            doc = json.loads(data)
+            return json.loads(data), etag, where
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{where} is not valid JSON ({e}); the registry record is corrupt") from None
+
+    def _read(self, name: str, version: int, aliases: dict[str, int] | None = None) -> ModelVersion:
+        doc, _, where = self._read_doc(name, version)
         if aliases is None:
             aliases, _ = self._aliases(name)
         mv = ModelVersion.from_dict(doc, source=where, aliases=[a for a, v in aliases.items() if v == version])
@@ -364,7 +363,7 @@ class Registry:
         artifacts = artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
         record = manifest_record(manifest, rs.url(MANIFEST))
         base = {
-            "name": name, "created_at": _now(), "run_id": manifest["run_id"], "run_uri": rs.uri,
+            "name": name, "created_at": now_iso(), "run_id": manifest["run_id"], "run_uri": rs.uri,
             "artifacts": artifacts, "base_model": dump(record.base_model_lineage),
             "dataset": dump(record.dataset_lineage), "config": record.config, "metrics": dump(record.metrics),
             "environment": record.environment, "tags": tags, "description": description,
@@ -397,7 +396,7 @@ class Registry:
             current, overrides, etag = self._alias_doc(name)
             new, override = change(dict(current))
             doc: dict[str, Any] = {"format": FORMAT, "name": name, "aliases": dict(sorted(new.items())),
-                                   "updated_at": _now()}
+                                   "updated_at": now_iso()}
             if overrides or override:
                 doc["gate_overrides"] = [*overrides, *([override] if override else [])]
             data = (json.dumps(doc, indent=2) + "\n").encode()
@@ -441,7 +440,7 @@ class Registry:
                     raise ConfigError(f"refused to move {name}@{alias}: {refusal}; nothing changed")
                 if refusal is not None:
                     override = {"alias": alias, "version": version, "previous": previous, "require": list(require),
-                                "refusal": refusal, "at": _now(), "by": _user()}
+                                "refusal": refusal, "at": now_iso(), "by": _user()}
             aliases[alias] = version
             return aliases, override
 
@@ -453,17 +452,8 @@ class Registry:
         concurrent update; every other field is written back as read). NotFoundError when the version is gone."""
         key = self._version_key(check_name(name), int(version))
         for attempt in range(_CAS_ATTEMPTS):
-            try:
-                data, etag = self.store.get_bytes(key)
-            except BucketNotFound:
-                raise
-            except NotFoundError:
-                raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}") from None
-            try:
-                doc = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{self.store.url(key)} is not valid JSON ({e}); the registry record is corrupt") from None
-            ModelVersion.from_dict(doc, source=self.store.url(key))  # refuse to extend a corrupt record
+            doc, etag, where = self._read_doc(name, int(version))
+            ModelVersion.from_dict(doc, source=where)  # refuse to extend a corrupt record
             doc["pushes"] = [*(doc.get("pushes") or []), asdict(push)]
             try:
                 self.store.put_bytes(key, (json.dumps(doc, indent=2) + "\n").encode(), if_match=etag)

@@ -27,7 +27,8 @@ _backend = ijson.get_backend("yajl2_c")
 _WHITESPACE = b" \t\r\n"
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
+    """``n`` bytes for a message: ``64 MiB``, ``0.5 MiB``."""
     return f"{n / 1024 / 1024:g} MiB"
 
 
@@ -159,7 +160,7 @@ class _ListParse:
         return self._fail(f"a JSON {kind}, expected an object with the columns {', '.join(self.wanted)}")
 
     def _too_big(self) -> DataError:
-        return self._fail(f"row larger than {_mib(self.limits.row_bytes)}; a row is a few kilobytes, so this row "
+        return self._fail(f"row larger than {mib(self.limits.row_bytes)}; a row is a few kilobytes, so this row "
                           "is corrupt")
 
     def error(self, path: Path, exc: ijson.JSONError) -> DataError:

@@ -33,10 +33,6 @@ _CHUNK_BYTES = 64 * 1024
 _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1024 / 1024:g} MiB"
-
-
 def _decode_json(text: str, display: str, where: str, hint: str) -> Any:
     try:
         return json.loads(text)
@@ -66,7 +62,7 @@ def _lines(f: BinaryIO, display: str, cur: _Cursor, kind: str) -> Iterator[str]:
             raw = raw[len(codecs.BOM_UTF8):]
         where = f"row {cur.rows_done + 1} (line {cur.line})"
         if len(raw) > limit:
-            raise DataError(f"{display}: {where}: line longer than {_mib(limit)}; a row is a few kilobytes, so "
+            raise DataError(f"{display}: {where}: line longer than {json_list.mib(limit)}; a row is a few kilobytes, so "
                             f"this is not a {kind} file or a row is corrupt")
         nul = raw.find(b"\x00")
         if nul >= 0:
@@ -161,7 +157,7 @@ def _iter_csv(path: Path, display: str, wanted: list[str]) -> Iterator[Record]:
             except csv.Error as e:
                 msg = str(e)
                 if "field larger than field limit" in msg:
-                    msg = f"a field is larger than {_mib(MAX_ROW_BYTES)}"
+                    msg = f"a field is larger than {json_list.mib(MAX_ROW_BYTES)}"
                 elif "unexpected end of data" in msg:
                     msg = "the file ends inside a quoted field (truncated file, or an unbalanced quote)"
                 raise DataError(f"{display}: {where}: invalid CSV: {msg}; quote fields that hold commas, quotes "
@@ -175,26 +171,26 @@ def _iter_csv(path: Path, display: str, wanted: list[str]) -> Iterator[Record]:
             yield row, where, dict(zip(header, values))
 
 
-def _iter_parquet(path: Path, display: str, wanted: list[str]) -> Iterator[Record]:
-    """Opens the file and checks its columns at once (not lazily), then streams record batches."""
+def open_parquet(path: Path, display: str) -> Any:
+    """``pyarrow.parquet.ParquetFile`` of ``path``; DataError (exit 3) naming ``display`` when it is not one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{display}: not a readable Parquet file ({first}); check it is complete") from None
-    check_columns(display, pf.schema_arrow.names, wanted)
-    return _parquet_rows(pf, display, wanted)
 
 
-def _parquet_rows(pf: Any, display: str, wanted: list[str]) -> Iterator[Record]:
+def parquet_records(pf: Any, display: str, columns: list[str] | None = None) -> Iterator[Record]:
+    """The rows of an open Parquet file (only ``columns``; None: all), streamed batch by batch as ``(row number,
+    "row N", record)``; DataError naming the row where the data stops being readable."""
     import pyarrow as pa
 
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=1024, columns=wanted):
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
             for record in batch.to_pylist():
                 row += 1
                 yield row, f"row {row}", record
@@ -202,6 +198,13 @@ def _parquet_rows(pf: Any, display: str, wanted: list[str]) -> Iterator[Record]:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{display}: row {row + 1}: unreadable Parquet data ({first}); the file may be "
                         "truncated") from None
+
+
+def _iter_parquet(path: Path, display: str, wanted: list[str]) -> Iterator[Record]:
+    """Opens the file and checks its columns at once (not lazily), then streams record batches."""
+    pf = open_parquet(path, display)
+    check_columns(display, pf.schema_arrow.names, wanted)
+    return parquet_records(pf, display, wanted)
 
 
 _READERS: dict[str, Callable[[Path, str, list[str]], Iterator[Record]]] = {

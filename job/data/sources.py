@@ -17,8 +17,8 @@ from job.config import JobConfig
 from job.data.readers import file_records
 from job.data.results import FIELDS, DataReport, DatasetIdentity, PreparedData, Row
 from job.data.rows import Record, canonical, check_columns, collect
-from job.hub import HubKeys, hf_revision, hf_token, hub_dataset_error
-from registry.errors import ConfigError, MedftError
+from job.hub import HubKeys, hf_revision, load_hub_dataset
+from registry.errors import ConfigError
 from registry.logs import get_logger
 from registry.uris import parse_uri
 
@@ -31,20 +31,12 @@ _DATA_HUB_KEYS = HubKeys(split="data.split", config="data.subset", dataset="data
 
 
 def _load_hf_dataset(name: str, cfg: JobConfig, display: str) -> Any:
-    """``datasets.load_dataset`` with its failures mapped onto medft's exit codes (:func:`hub_dataset_error`)."""
+    """``data.source``'s hub dataset, one split, its failures mapped onto medft's exit codes."""
     import datasets
 
     d = cfg.data
-    try:
-        ds = datasets.load_dataset(name, d.subset, split=d.split, revision=d.revision, cache_dir=d.cache_dir,
-                                   token=hf_token())
-    except MedftError:
-        raise
-    except Exception as e:  # datasets raises many types; the expected ones are mapped
-        mapped = hub_dataset_error(e, f"data.source: {display}", _DATA_HUB_KEYS)
-        if mapped is None:
-            raise
-        raise mapped from None
+    ds = load_hub_dataset(name, d.subset, d.split, revision=d.revision, cache_dir=d.cache_dir,
+                          display=f"data.source: {display}", keys=_DATA_HUB_KEYS)
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError(f"data.split: {display}: name one split, e.g. train or train[:500]")
     return ds

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from job.data.readers import file_records
-from job.hub import HubKeys, hf_revision, hf_token, hub_dataset_error
+from job.data.readers import file_records, open_parquet, parquet_records
+from job.hub import HubKeys, hf_revision, load_hub_dataset
 from job.medical_benchmarks import BenchmarkSpec, Question, to_question
-from registry.errors import ConfigError, DataError, MedftError, NotFoundError
+from registry.errors import ConfigError, DataError, NotFoundError
 from registry.logs import get_logger
 
 log = get_logger(__name__)
@@ -71,43 +71,14 @@ _BENCHMARK_HUB_KEYS = HubKeys(split="split", config="config (subset)", dataset="
 def _hub_records(spec: BenchmarkSpec, display: str, cache_dir: str | None) -> tuple[Iterator[dict[str, Any]], str]:
     import datasets
 
-    try:
-        ds = datasets.load_dataset(spec.dataset, spec.subset, split=spec.split, revision=spec.revision,
-                                   cache_dir=cache_dir, token=hf_token())
-    except MedftError:
-        raise
-    except Exception as e:  # datasets raises many types; hub_dataset_error maps the expected ones
-        mapped = hub_dataset_error(e, display, _BENCHMARK_HUB_KEYS)
-        if mapped is None:
-            raise
-        raise mapped from None
+    ds = load_hub_dataset(spec.dataset, spec.subset, spec.split, revision=spec.revision, cache_dir=cache_dir,
+                          display=display, keys=_BENCHMARK_HUB_KEYS)
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError(f"{display}: name one split, e.g. test")
     return iter(ds), hf_revision(spec.dataset, spec.revision)
 
 
 # ------------------------------------------------------------------------------------------------ files
-
-def _parquet_records(path: Path, display: str) -> Iterator[dict[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{display}: not a readable Parquet file ({first}); check it is complete") from None
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                row += 1
-                yield record
-    except (pa.ArrowException, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{display}: row {row + 1}: unreadable Parquet data ({first}); the file may be "
-                        "truncated") from None
-
 
 def _file_records(path: Path, display: str, spec: BenchmarkSpec) -> Iterator[dict[str, Any]]:
     suffix = path.suffix.lower()
@@ -116,8 +87,8 @@ def _file_records(path: Path, display: str, spec: BenchmarkSpec) -> Iterator[dic
                           "rows as .jsonl or .parquet in the dataset's own schema")
     if not path.is_file():
         raise NotFoundError(f"{display}: no such file; check the path (relative paths are from {Path.cwd()})")
-    if suffix == ".parquet":
-        return _parquet_records(path, display)
+    if suffix == ".parquet":  # every column: the spec maps them, and PubMedQA's context is nested
+        return (record for _, _, record in parquet_records(open_parquet(path, display), display))
     wanted = [c for c in (spec.columns.id, spec.columns.question, *spec.columns.options, spec.columns.answer) if c]
     return (record for _, _, record in file_records(path, display, wanted))
 
