@@ -195,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
     # plumbing -----------------------------------------------------------------------------------------
     def _reply(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body if body is not None else {}).encode()
+        # recorded before the reply goes out: once the client has its answer, the test may read the list
+        self.fake.requests.append(Request(self.command, self.path, status, self.headers.get("Authorization")))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -202,7 +204,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
-        self.fake.requests.append(Request(self.command, self.path, status, self.headers.get("Authorization")))
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
         headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})}
