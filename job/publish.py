@@ -18,9 +18,10 @@ from typing import Any
 from job.lifecycle import FencedStore, Lease, Run
 from registry.logs import get_logger
 from registry.records import RunRecord, dump
-from registry.registry import ModelVersion, Registry
+from registry.registry import Registry
 from registry.runs import write_manifest
 from registry.store import ObjectInfo
+from registry.versions import ModelVersion
 
 log = get_logger(__name__)
 

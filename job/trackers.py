@@ -34,8 +34,8 @@ from job.lifecycle import Run
 from registry.errors import DataError, MedftError, Preempted
 from registry.logs import get_logger, redact, route_stdlib_logger
 from registry.records import RunRecord, TrackerRun, dotted, dump
-from registry.registry import ModelVersion
 from registry.store import Store
+from registry.versions import ModelVersion
 
 log = get_logger(__name__)
 

@@ -16,8 +16,9 @@ from typing import Any
 import click
 
 from registry.names import ARTIFACTS, DEFAULT_STORE
-from registry.registry import ModelVersion, Registry
+from registry.registry import Registry
 from registry.store import Store, open_store
+from registry.versions import ModelVersion
 
 
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -19,7 +19,7 @@ from registry.errors import ConfigError
 from registry.records import BenchmarkScore, RunMetrics, dotted
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
-    from registry.registry import ModelVersion
+    from registry.versions import ModelVersion
 
 # Settings that differ between any two runs by construction, so they say nothing about how they differ.
 _ALWAYS_DIFFERENT = ("output.run_id",)

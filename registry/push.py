@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from registry.errors import AccessDeniedError, ConfigError, ConflictError, MedftError, NotFoundError, TransientError
 from registry.logs import get_logger
-from registry.registry import HubPush, ModelVersion, Registry
+from registry.registry import Registry
 from registry.runs import now_iso
 from registry.uris import parse_uri
+from registry.versions import HubPush, ModelVersion
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi

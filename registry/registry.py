@@ -7,6 +7,7 @@ Layout under the registry URI (by default ``<store>/registry``)::
 
 A version record never changes after it is created, except its ``pushes`` list (where the version was shared
 on the Hugging Face Hub), which :meth:`Registry.record_push` appends to with compare-and-swap.
+The record's type, :class:`~registry.versions.ModelVersion`, lives in :mod:`registry.versions`.
 
 Concurrent registrations of one name each try ``max + 1`` create-only and, on losing, the next number, so
 they get distinct versions 1, 2, 3... with no gaps or duplicates. ``latest`` is implicit: the highest
@@ -25,20 +26,19 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
 from registry.names import ARTIFACTS, NAME, NAME_RE
-from registry.records import RunRecord, dump, parse_record
+from registry.records import dump
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
+from registry.versions import FORMAT, HubPush, ModelVersion
 
-FORMAT = 1
 _REF_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{NAME}))?$")
 _VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json$")
-_REQUIRED = ("name", "version", "created_at", "run_id", "run_uri", "artifacts")
 _CAS_ATTEMPTS = 200
 _REGISTER_ATTEMPTS = 10_000
 
@@ -67,109 +67,6 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     if not m or (m["version"] is not None and int(m["version"]) < 1):
         raise NotFoundError(f"no model version matches ref {ref!r}: refs are NAME, NAME:VERSION or NAME@ALIAS")
     return m["name"], int(m["version"]) if m["version"] else None, m["alias"]
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    name: str
-    version: int
-    created_at: str
-    run_id: str
-    run_uri: str
-    artifacts: dict[str, dict[str, Any]]
-    """``{"adapter"|"merged": {"uri": ..., "files": {relpath: sha256}}}``."""
-    base_model: dict[str, Any] = field(default_factory=dict)
-    """uri, revision, sha256 of its weight files."""
-    dataset: dict[str, Any] = field(default_factory=dict)
-    """source, subset, split, row count, content hash."""
-    config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    aliases: tuple[str, ...] = ()
-    """Live view from aliases.json; not stored in the version record."""
-    description: str | None = None
-    pushes: tuple[HubPush, ...] = ()
-    """Where this version was shared on the Hub, oldest first (records older than pushes have none)."""
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}:{self.version}"
-
-    def run_record(self) -> RunRecord:
-        """The run's record as registered: lineage, metrics, config and environment, typed.
-
-        The record was checked when this version was read (:meth:`from_dict`); DataError if it was not.
-        """
-        return _run_record(asdict(self), self.ref)
-
-    def to_dict(self, *, with_aliases: bool = True) -> dict[str, Any]:
-        d = asdict(self)
-        d["aliases"] = list(self.aliases)
-        d["pushes"] = [asdict(p) for p in self.pushes]
-        if not with_aliases:
-            del d["aliases"]
-        return {"format": FORMAT, **d}
-
-    @classmethod
-    def from_dict(cls, d: Any, *, source: str = "record", aliases: Iterable[str] | None = None) -> ModelVersion:
-        if not isinstance(d, dict):
-            raise DataError(f"{source} is not a JSON object; the registry record is corrupt")
-        for name in _REQUIRED:
-            if name not in d:
-                raise DataError(f"{source} lacks the required field {name!r}; the registry record is corrupt")
-        if not isinstance(d["version"], int) or isinstance(d["version"], bool) or d["version"] < 1:
-            raise DataError(f"{source}: field 'version' must be a positive integer, got {d['version']!r}")
-        if not isinstance(d["artifacts"], dict):
-            raise DataError(f"{source}: field 'artifacts' must be an object")
-        for art, spec in d["artifacts"].items():
-            if (not isinstance(spec, dict) or not isinstance(spec.get("uri"), str)
-                    or not isinstance(spec.get("files"), dict)):
-                raise DataError(f"{source}: artifact {art!r} needs a 'uri' and a 'files' object")
-            for rel, sha in spec["files"].items():
-                if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-                    raise DataError(f"{source}: artifact {art!r} file {rel!r} needs a hex sha256, got {sha!r}")
-        for name in ("base_model", "dataset", "config", "metrics", "environment", "tags"):
-            if d.get(name) is not None and not isinstance(d[name], dict):
-                raise DataError(f"{source}: field {name!r} must be an object")
-        _run_record(d, source)  # the fields copied from the run's record have their types
-        if not isinstance(d.get("pushes") or [], list):
-            raise DataError(f"{source}: field 'pushes' must be a list")
-        return cls(
-            name=str(d["name"]), version=d["version"], created_at=str(d["created_at"]), run_id=str(d["run_id"]),
-            run_uri=str(d["run_uri"]), artifacts=d["artifacts"], base_model=d.get("base_model") or {},
-            dataset=d.get("dataset") or {}, config=d.get("config") or {}, metrics=d.get("metrics") or {},
-            environment=d.get("environment") or {}, tags=d.get("tags") or {},
-            aliases=tuple(sorted(aliases if aliases is not None else (d.get("aliases") or ()))),
-            description=d.get("description"),
-            pushes=tuple(HubPush.from_dict(p, source) for p in d.get("pushes") or []),
-        )
-
-
-_PUSH_FIELDS = ("repo", "revision", "commit", "url", "artifact", "pushed_at")
-
-
-@dataclass(frozen=True)
-class HubPush:
-    """One ``medft registry push`` of a version's artifact to a Hugging Face Hub repo (see registry/push.py)."""
-
-    repo: str
-    """``org/name`` on the Hub."""
-    revision: str
-    """The branch the commit went to."""
-    commit: str
-    """The commit's 40-hex sha on that branch."""
-    url: str
-    artifact: str
-    pushed_at: str
-
-    @classmethod
-    def from_dict(cls, d: Any, source: str) -> HubPush:
-        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in _PUSH_FIELDS):
-            raise DataError(f"{source}: each entry of 'pushes' needs the strings {', '.join(_PUSH_FIELDS)}")
-        if not re.fullmatch(r"[0-9a-f]{40}", d["commit"]):
-            raise DataError(f"{source}: push commit must be a 40-hex sha, got {d['commit']!r}")
-        return cls(**{k: d[k] for k in _PUSH_FIELDS})
 
 
 def _user() -> str | None:
@@ -474,14 +371,6 @@ class Registry:
             return aliases, None
 
         self._cas_aliases(name, change)
-
-
-def _run_record(d: dict[str, Any], source: str) -> RunRecord:
-    """The run record inside a registry record ``d`` (its lineage is flattened into base_model, dataset)."""
-    return parse_record(RunRecord, {
-        "lineage": {"base_model": d.get("base_model"), "dataset": d.get("dataset")},
-        "metrics": d.get("metrics"), "config": d.get("config"), "environment": d.get("environment"),
-    }, source, "the registry record is corrupt")
 
 
 def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from registry.errors import ConfigError, DataError, NotFoundError, TransientError
-from registry.registry import ModelVersion, Registry, parse_ref
+from registry.registry import Registry, parse_ref
 from registry.runs import (
     MANIFEST,
     is_published,
@@ -23,6 +23,7 @@ from registry.runs import (
     write_manifest,
 )
 from registry.store import MiB, PreconditionFailed, TransferSettings, open_store
+from registry.versions import ModelVersion
 from tests.alias_race import move_alias_before_our_write
 from tests.conftest import SAMPLE_RECORD
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from registry.registry import HubPush, Registry
+from registry.registry import Registry
 from registry.store import open_store
+from registry.versions import HubPush
 from tests import cli
 from tests.fake_hub import FakeHub, running_hub
 

@@ -12,8 +12,8 @@ from job.backends import TrainPlan
 from job.inference import Version
 from registry.errors import DataError
 from registry.records import RunRecord, dump, parse_record
-from registry.registry import ModelVersion
 from registry.runs import manifest_record, parse_manifest
+from registry.versions import ModelVersion
 from tests.conftest import SAMPLE_RECORD
 
 WHERE = "s3://bucket/runs/run-1/MANIFEST.json"
