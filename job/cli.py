@@ -134,22 +134,27 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged", show_default=True,
               help="For REF: the merged weights, or the base model with the adapter applied.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--record", is_flag=True,
+              help="Append the scores to REF's registry version, where `registry compare` and the alias gate "
+                   "read them (REF must be NAME, NAME:VERSION or NAME@ALIAS).")
 @store_options
 def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, template: str, benchmarks: str,
              limit: int | None, seed: int, max_new_tokens: int, batch_size: int, data_files: tuple[str, ...],
-             artifact: str, as_json: bool, store_uri: str, registry_uri: str | None) -> None:
+             artifact: str, as_json: bool, record: bool, store_uri: str, registry_uri: str | None) -> None:
     """Score a model on medical benchmarks: accuracy with a 95% interval, greedy, generative.
 
     \b
     REF is NAME, NAME:VERSION, NAME@ALIAS or a run folder; or give --base URI for a base model.
-    Exit codes: 2 unknown benchmark or bad usage, 3 a missing column or bad row, 4 a dataset or
-    file not found, 5 a gated dataset without access, 75 the hub unreachable.
+    Exit codes: 2 unknown benchmark or bad usage (--record without a registry ref), 3 a missing
+    column or bad row, 4 a dataset, file or ref not found, 5 a gated dataset without access,
+    75 the hub unreachable or --record outrun by concurrent updates (the scores are printed first).
     """
     from job.evals.command import eval_command
 
     eval_command(ref, base=base, base_revision=base_revision, template=template, benchmarks=benchmarks,
                  limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 data_files=data_files, artifact=artifact, store=store_uri, registry=registry_uri, as_json=as_json)
+                 data_files=data_files, artifact=artifact, store=store_uri, registry=registry_uri, as_json=as_json,
+                 record=record)
 
 
 @cli.group()

@@ -15,7 +15,9 @@ from typing import Any
 
 import click
 
+from registry.compare import format_score, text_table
 from registry.names import ARTIFACTS, DEFAULT_STORE
+from registry.records import dump
 from registry.registry import Registry
 from registry.store import Store, open_store
 from registry.versions import ModelVersion
@@ -47,13 +49,6 @@ def _metric(mv: ModelVersion, *names: str) -> str:
     return "-"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def _base(mv: ModelVersion) -> str:
     b = mv.base_model
     return str(b.get("uri") or b.get("name") or b.get("source") or "-")
@@ -81,8 +76,8 @@ def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json
     rows = [[mv.name, str(mv.version), ",".join(mv.aliases) or "-", mv.created_at, mv.run_id, _base(mv),
              _metric(mv, "eval_loss_after", "eval_loss", "train_loss"), ",".join(sorted(mv.artifacts))]
             for mv in versions]
-    click.echo(_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
-                             "ARTIFACTS"]))
+    click.echo(text_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
+                                 "ARTIFACTS"]))
 
 
 def _show_text(mv: ModelVersion) -> str:
@@ -94,6 +89,9 @@ def _show_text(mv: ModelVersion) -> str:
         lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
     for p in mv.pushes:
         lines.append(f"  pushed       hf://{p.repo}@{p.revision}  commit {p.commit}  ({p.artifact}, {p.pushed_at})")
+    for e in mv.evaluations:
+        scores = ", ".join(f"{name} {format_score(dump(s))}" for name, s in (e.benchmarks or {}).items())
+        lines.append(f"  evaluated    {scores or '-'}  ({e.artifact}, {e.evaluated_at}, by {e.by or '?'})")
     for title, d in (("base model", mv.base_model), ("dataset", mv.dataset), ("metrics", mv.metrics),
                      ("environment", mv.environment), ("tags", mv.tags)):
         if d:

@@ -1,7 +1,8 @@
 """Versions side by side (``medft registry compare``) and the benchmark gate on alias moves.
 
-A version's benchmark scores are ``metrics.benchmarks_after`` (the trained model's, by benchmark name,
-:class:`~registry.records.BenchmarkScore`). :func:`comparison` puts several versions in one table: each
+A version's score on a benchmark (:class:`~registry.records.BenchmarkScore`) is the latest one recorded
+for it by ``medft eval REF --record`` (the record's ``evaluations``), else the training job's
+(``metrics.benchmarks_after``). :func:`comparison` puts several versions in one table: each
 benchmark's accuracy with its 95% interval, eval loss, the data (dataset URI, revision, rows), the base
 model, and every config setting whose value differs between them. :func:`draw_scores` draws the benchmark
 columns of that table as a picture. :func:`gate_refusal` says why an alias may not move to a version under
@@ -43,10 +44,21 @@ def format_score(score: dict[str, Any] | None) -> str:
     return f"{score['accuracy']:.1%}"
 
 
-def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
-    """The version's scores after training, by benchmark name (empty for a version scored on none)."""
+def scored_by(mv: ModelVersion) -> dict[str, tuple[BenchmarkScore, str]]:
+    """The version's score on each benchmark and where it comes from (``training`` or ``medft eval <when>``);
+    empty for a version scored on none. A recorded evaluation replaces the job's score, a later one an
+    earlier one."""
     metrics: RunMetrics = mv.run_record().metrics
-    return dict(metrics.benchmarks_after or {})
+    out = {name: (score, "training") for name, score in (metrics.benchmarks_after or {}).items()}
+    for evaluation in mv.evaluations:  # oldest first
+        out.update({name: (score, f"medft eval {evaluation.evaluated_at or '?'}")
+                    for name, score in (evaluation.benchmarks or {}).items()})
+    return out
+
+
+def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
+    """The version's score on each benchmark (:func:`scored_by` without where it comes from)."""
+    return {name: score for name, (score, _) in scored_by(mv).items()}
 
 
 def differing_settings(versions: Sequence[ModelVersion]) -> dict[str, list[Any]]:
@@ -62,6 +74,7 @@ def comparison(versions: Sequence[ModelVersion]) -> dict[str, Any]:
     benchmark scores, and the settings that differ."""
     out = []
     for mv in versions:
+        scores = scored_by(mv)
         metrics = mv.run_record().metrics
         data = mv.run_record().dataset_lineage
         out.append({
@@ -69,7 +82,8 @@ def comparison(versions: Sequence[ModelVersion]) -> dict[str, Any]:
             "base_model": {"uri": mv.base_model.get("uri"), "revision": mv.base_model.get("revision")},
             "dataset": {"source": data.source, "revision": data.revision, "rows": data.rows},
             "eval_loss_before": metrics.eval_loss_before, "eval_loss_after": metrics.eval_loss_after,
-            "benchmarks": {n: s.model_dump(mode="json", exclude_unset=True) for n, s in benchmark_scores(mv).items()},
+            "benchmarks": {n: s.model_dump(mode="json", exclude_unset=True) for n, (s, _) in scores.items()},
+            "benchmarks_scored_by": {n: origin for n, (_, origin) in scores.items()},
         })
     return {"versions": out, "settings_that_differ": differing_settings(versions)}
 
@@ -89,6 +103,7 @@ def comparison_text(versions: Sequence[ModelVersion]) -> str:
     for name in names:
         rows.append([name, *[format_score(e["benchmarks"].get(name)) for e in entries]])
         rows.append([f"{name} questions", *[_short((e["benchmarks"].get(name) or {}).get("scored")) for e in entries]])
+        rows.append([f"{name} scored by", *[_short(e["benchmarks_scored_by"].get(name)) for e in entries]])
     for key in ("eval_loss_before", "eval_loss_after"):
         rows.append([key.replace("_", " "), *[f"{e[key]:.4g}" if isinstance(e[key], (int, float)) else "-"
                                               for e in entries]])
@@ -203,17 +218,17 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
         score = mine.get(name)
         if score is None or not isinstance(score.accuracy, (int, float)):
             has = ", ".join(sorted(mine)) or "none"
-            return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); train it with "
-                    f"eval.benchmarks including {name}, or pass --force to move @{alias} anyway")
+            return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with `medft eval "
+                    f"{candidate.ref} --benchmarks {name} --record`, or pass --force to move @{alias} anyway")
         other = theirs.get(name)
         if current is None or other is None or not isinstance(other.accuracy, (int, float)):
             continue
         differs = _scored_differently(score, other)
         if differs:
             return (f"{candidate.ref} and {current.ref} (@{alias} now) were scored on {name} with different "
-                    f"{differs}, so their accuracies cannot be compared; score both the same way "
-                    f"(eval.benchmark_limit, eval.benchmark_seed, eval.benchmark_max_new_tokens, the benchmark's "
-                    "source), or pass --force to move it anyway")
+                    f"{differs}, so their accuracies cannot be compared; score both the same way (`medft eval REF "
+                    f"--benchmarks {name} --record` with the same --limit, --seed, --max-new-tokens and data), "
+                    "or pass --force to move it anyway")
         if score.accuracy < other.accuracy:
             return (f"{candidate.ref} scores {format_score(score.model_dump(mode='json'))} on {name}, lower than "
                     f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}; pass --force "

@@ -115,6 +115,16 @@ class BenchmarkScore(_Record):
     seconds: Number | None = None
 
 
+class EvaluationRecord(_Record):
+    """One ``medft eval REF --record`` of a registered version, appended to its record's ``evaluations``:
+    the scores by benchmark, the artifact that answered (``merged`` or ``adapter``), when and by whom."""
+
+    benchmarks: dict[str, BenchmarkScore] | None = None
+    artifact: str | None = None
+    evaluated_at: str | None = None
+    by: str | None = None
+
+
 class RunMetrics(_Record):
     """What the pipeline measured: losses, throughput, memory, stage times, and the plan it trained with."""
 

@@ -5,8 +5,9 @@ Layout under the registry URI (by default ``<store>/registry``)::
     models/<name>/versions/<n>.json    one immutable record per version, created with put_if_absent
     models/<name>/aliases.json         {"aliases": {alias: version}}, moved with compare-and-swap
 
-A version record never changes after it is created, except its ``pushes`` list (where the version was shared
-on the Hugging Face Hub), which :meth:`Registry.record_push` appends to with compare-and-swap.
+A version record never changes after it is created, except two lists appended to with compare-and-swap:
+``pushes`` (where the version was shared on the Hugging Face Hub, :meth:`Registry.record_push`) and
+``evaluations`` (benchmark scores taken after registration, :meth:`Registry.record_evaluation`).
 The record's type, :class:`~registry.versions.ModelVersion`, lives in :mod:`registry.versions`.
 
 Concurrent registrations of one name each try ``max + 1`` create-only and, on losing, the next number, so
@@ -31,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
-from registry.names import ARTIFACTS, NAME, NAME_RE
-from registry.records import dump
+from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, NAME_RE
+from registry.records import EvaluationRecord, dump
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
 from registry.versions import FORMAT, HubPush, ModelVersion
@@ -69,8 +70,9 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     return m["name"], int(m["version"]) if m["version"] else None, m["alias"]
 
 
-def _user() -> str | None:
-    """Who forced an alias move, as the operating system names them (best effort)."""
+def current_user() -> str | None:
+    """Who is running this (who forced an alias move, who recorded an evaluation), as the operating system
+    names them (best effort)."""
     import getpass
 
     try:
@@ -92,6 +94,12 @@ class Registry:
     @classmethod
     def open(cls, uri: str) -> Registry:
         return cls(open_store(uri))
+
+    @classmethod
+    def at(cls, store: str | None, registry: str | None) -> Registry:
+        """The registry at the URI ``registry``, else under ``<store>/registry`` (``store`` defaults to
+        ``./medft-store``): what ``--store`` and ``--registry`` name on every command."""
+        return cls.open(registry) if registry else cls(open_store(store or DEFAULT_STORE).child("registry"))
 
     @property
     def uri(self) -> str:
@@ -337,7 +345,7 @@ class Registry:
                     raise ConfigError(f"refused to move {name}@{alias}: {refusal}; nothing changed")
                 if refusal is not None:
                     override = {"alias": alias, "version": version, "previous": previous, "require": list(require),
-                                "refusal": refusal, "at": now_iso(), "by": _user()}
+                                "refusal": refusal, "at": now_iso(), "by": current_user()}
             aliases[alias] = version
             return aliases, override
 
@@ -345,19 +353,29 @@ class Registry:
         return self.get(f"{name}:{version}")
 
     def record_push(self, name: str, version: int, push: HubPush) -> ModelVersion:
-        """Append ``push`` to the ``pushes`` of ``name:version`` (compare-and-swap on the record, retried on a
-        concurrent update; every other field is written back as read). NotFoundError when the version is gone."""
+        """Append ``push`` to the ``pushes`` of ``name:version``; see :meth:`_append`."""
+        return self._append(name, version, "pushes", asdict(push))
+
+    def record_evaluation(self, name: str, version: int, evaluation: EvaluationRecord) -> ModelVersion:
+        """Append ``evaluation`` to the ``evaluations`` of ``name:version``; see :meth:`_append`."""
+        return self._append(name, version, "evaluations", dump(evaluation))
+
+    def _append(self, name: str, version: int, field: str, entry: dict[str, Any]) -> ModelVersion:
+        """Append ``entry`` to the list ``field`` of the record of ``name:version`` with compare-and-swap,
+        re-read and retried on a concurrent update; every other field is written back as read. Returns the
+        version as stored then. NotFoundError when the version is gone, DataError when its record is corrupt
+        (it is not extended), ConflictError after too many concurrent updates."""
         key = self._version_key(check_name(name), int(version))
         for attempt in range(_CAS_ATTEMPTS):
             doc, etag, where = self._read_doc(name, int(version))
-            ModelVersion.from_dict(doc, source=where)  # refuse to extend a corrupt record
-            doc["pushes"] = [*(doc.get("pushes") or []), asdict(push)]
+            ModelVersion.from_dict(doc, source=where)
+            doc[field] = [*(doc.get(field) or []), entry]
             try:
                 self.store.put_bytes(key, (json.dumps(doc, indent=2) + "\n").encode(), if_match=etag)
                 return self.get(f"{name}:{version}")
             except PreconditionFailed:
-                _jitter(attempt)  # another push landed first: re-read and append ours after it
-        raise ConflictError(f"could not record the push of {name}:{version}: {_CAS_ATTEMPTS} concurrent updates "
+                _jitter(attempt)  # another update landed first: re-read and append ours after it
+        raise ConflictError(f"could not update {field} of {name}:{version}: {_CAS_ATTEMPTS} concurrent updates "
                             f"won; retry")
 
     def delete_alias(self, name: str, alias: str) -> None:

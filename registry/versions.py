@@ -1,6 +1,7 @@
 """A registered model version as stored: :class:`ModelVersion` (one ``models/<name>/versions/<n>.json``) and
-the :class:`HubPush` entries appended to it. Everything read here is checked (DataError, exit 3, naming the
-record and the field): a record in storage can claim anything.
+the entries appended to it later, :class:`HubPush` (``pushes``) and
+:class:`~registry.records.EvaluationRecord` (``evaluations``). Everything read here is checked (DataError,
+exit 3, naming the record and the field): a record in storage can claim anything.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from registry.errors import DataError
-from registry.records import RunRecord, parse_record
+from registry.records import EvaluationRecord, RunRecord, dump, parse_record
 
 FORMAT = 1
 _REQUIRED = ("name", "version", "created_at", "run_id", "run_uri", "artifacts")
@@ -39,6 +40,8 @@ class ModelVersion:
     description: str | None = None
     pushes: tuple[HubPush, ...] = ()
     """Where this version was shared on the Hub, oldest first (records older than pushes have none)."""
+    evaluations: tuple[EvaluationRecord, ...] = ()
+    """Benchmark scores recorded after registration (``medft eval REF --record``), oldest first."""
 
     @property
     def ref(self) -> str:
@@ -55,6 +58,7 @@ class ModelVersion:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
         d["pushes"] = [asdict(p) for p in self.pushes]
+        d["evaluations"] = [dump(e) for e in self.evaluations]
         if not with_aliases:
             del d["aliases"]
         return {"format": FORMAT, **d}
@@ -83,6 +87,9 @@ class ModelVersion:
         _run_record(d, source)  # the fields copied from the run's record have their types
         if not isinstance(d.get("pushes") or [], list):
             raise DataError(f"{source}: field 'pushes' must be a list")
+        evaluations = d.get("evaluations") or []
+        if not isinstance(evaluations, list):
+            raise DataError(f"{source}: field 'evaluations' must be a list")
         return cls(
             name=str(d["name"]), version=d["version"], created_at=str(d["created_at"]), run_id=str(d["run_id"]),
             run_uri=str(d["run_uri"]), artifacts=d["artifacts"], base_model=d.get("base_model") or {},
@@ -91,6 +98,8 @@ class ModelVersion:
             aliases=tuple(sorted(aliases if aliases is not None else (d.get("aliases") or ()))),
             description=d.get("description"),
             pushes=tuple(HubPush.from_dict(p, source) for p in d.get("pushes") or []),
+            evaluations=tuple(parse_record(EvaluationRecord, e, f"{source}: evaluations[{i}]",
+                                           "the registry record is corrupt") for i, e in enumerate(evaluations)),
         )
 
 

@@ -5,6 +5,10 @@ files, every benchmark's questions (read and mapped, so a missing column or an u
 first) and the ref. Then one model loads, answers every benchmark (batched, greedy by default) and is freed.
 Output: a table per model (accuracy with its Wilson 95% interval, questions scored, the share with no
 extractable answer, the share that hit the token limit, the median reasoning length), or ``--json``.
+
+``--record`` then appends the scores to the registered version's ``evaluations`` (compare-and-swap), where
+``registry compare`` and the alias gate read them: a version can be scored, or re-scored the same way as
+another, without training it again. The scores are printed first, so a failed write loses none of them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from job.medical_benchmarks import BENCHMARKS, known_names, parse_benchmarks
 from registry.compare import format_score, text_table
 from registry.errors import ConfigError
 from registry.logs import get_logger
-from registry.records import BaseModelLineage, BenchmarkScore, dump
+from registry.records import BaseModelLineage, BenchmarkScore, EvaluationRecord, dump
 
 log = get_logger(__name__)
 
@@ -56,21 +60,27 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
                  seed: int = 0, max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
                  batch_size: int = DEFAULT_BATCH_SIZE, data_files: Sequence[str] = (), artifact: str = "merged",
                  store: str | None = None, registry: str | None = None, as_json: bool = False,
-                 cache_dir: str | None = None, out: TextIO | None = None) -> dict[str, BenchmarkScore]:
+                 record: bool = False, cache_dir: str | None = None,
+                 out: TextIO | None = None) -> dict[str, BenchmarkScore]:
     """``medft eval``: score REF (a registry ref or run folder) or, with ``base``, a base model (any
-    ``model.base`` URI, asked with ``template``) on ``benchmarks``; returns the scores by benchmark.
+    ``model.base`` URI, asked with ``template``) on ``benchmarks``; returns the scores by benchmark. With
+    ``record``, REF must be a registry ref: the scores are appended to that version's ``evaluations``.
 
     Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, an unknown benchmark, a bad
-    ``--data`` item), and what loading questions (DataError 3, NotFoundError 4, AccessDeniedError 5,
-    TransientError 75), resolving the ref and loading the weights raise.
+    ``--data`` item, ``record`` without a registry ref), and what loading questions (DataError 3,
+    NotFoundError 4, AccessDeniedError 5, TransientError 75), resolving the ref, loading the weights and
+    writing the record (ConflictError 75, the store's errors) raise.
     """
     from job.inference.loading import load, load_base, unload
-    from job.inference.refs import Version, resolve_ref
+    from job.inference.refs import Version, is_run_uri, resolve_ref
 
     out = out or sys.stdout
     if (ref is None) == (base is None):
         raise ConfigError("give a model to score: REF (NAME, NAME:VERSION, NAME@ALIAS or a run folder) or "
                           "--base URI (a base model), not both")
+    if record and (ref is None or is_run_uri(ref)):
+        raise ConfigError("--record writes the scores into a registered version: give REF as NAME, NAME:VERSION "
+                          "or NAME@ALIAS (register a run folder first with `medft registry register`)")
     names = parse_benchmarks(benchmarks)
     choices = parse_data_files(data_files)
     unused = sorted(set(choices) - set(names))
@@ -89,7 +99,8 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
         version.base_uri()  # a URI no source could mean fails here, before any download
         loaded = load_base(version)
     else:
-        loaded = load(resolve_ref(ref, store=store, registry=registry), artifact)
+        version = resolve_ref(ref, store=store, registry=registry)
+        loaded = load(version, artifact)
     try:
         scores = score_suite(loaded, suite, settings)
     finally:
@@ -105,4 +116,20 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
                   + (f", {limit} questions per benchmark (seed {seed})" if limit else "") + "\n")
         out.write(score_table(scores) + "\n")
     out.flush()
+    if record:
+        _record(version.label, scores, artifact, store, registry)
     return scores
+
+
+def _record(label: str, scores: dict[str, BenchmarkScore], artifact: str, store: str | None,
+            registry: str | None) -> None:
+    """Append ``scores`` to the ``evaluations`` of the registered version ``label`` (``NAME:VERSION``, the
+    version the ref resolved to before scoring, even if an alias has moved since)."""
+    from registry.registry import Registry, current_user, parse_ref
+    from registry.runs import now_iso
+
+    name, number, _ = parse_ref(label)
+    assert number is not None, label  # a registry ref resolves to NAME:VERSION
+    evaluation = EvaluationRecord(benchmarks=scores, artifact=artifact, evaluated_at=now_iso(), by=current_user())
+    stored = Registry.at(store, registry).record_evaluation(name, number, evaluation)
+    log.info("eval.recorded", ref=label, benchmarks=list(scores), evaluations=len(stored.evaluations))

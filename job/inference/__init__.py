@@ -49,11 +49,11 @@ from job.inference.generate import (
     stop_ids,
 )
 from job.inference.loading import Loaded, load, load_base, unload
-from job.inference.refs import DEFAULT_STORE, Version, is_run_uri, resolve_ref
+from job.inference.refs import Version, is_run_uri, resolve_ref
 
 __all__ = [
     "ARTIFACTS", "BASE_REF", "CHAT_STOP_WORDS", "COMPLETE_MARKER", "CUT_OFF", "DEFAULT_MAX_NEW_TOKENS",
-    "DEFAULT_STORE", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "MAX_SEED", "Answer", "Loaded", "Sampling",
+    "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "MAX_SEED", "Answer", "Loaded", "Sampling",
     "SectionWriter", "TokenStream", "Version", "cache_key", "chat_command", "check_text", "fetch_artifact",
     "generate", "generate_command", "is_run_uri", "load", "load_base", "questions", "resolve_ref", "split_completion",
     "stop_ids", "unload",

@@ -14,7 +14,6 @@ from typing import Any
 
 from registry.errors import ConfigError, DataError, NotFoundError
 from registry.logs import get_logger
-from registry.names import DEFAULT_STORE
 from registry.records import BaseModelLineage, RunRecord, TrainPlanRecord, parse_record
 from registry.uris import is_location, parse_uri
 
@@ -115,10 +114,8 @@ def resolve_ref(ref: str, *, store: str | None = None, registry: str | None = No
     if is_run_uri(ref):
         return _resolve_run(ref)
     from registry.registry import Registry
-    from registry.store import open_store
 
-    reg = Registry.open(registry) if registry else Registry(open_store(store or DEFAULT_STORE).child("registry"))
-    mv = reg.get(ref)
+    mv = Registry.at(store, registry).get(ref)
     return Version.from_record(mv.ref, mv.artifacts, mv.run_record(), registry_ref=True)
 
 

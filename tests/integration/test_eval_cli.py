@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from registry.records import dump
 from registry.registry import Registry
 from registry.runs import read_manifest
 from registry.store import open_store
@@ -89,6 +90,9 @@ def test_eval_refuses_a_missing_column_before_loading_weights(tmp_path: Path, ev
 @pytest.mark.parametrize(("args", "needle"), [
     ([], "give a model to score"),
     (["some-model", "--base", "/x"], "not both"),
+    # --record needs a registry version to write to; refused before any question or weight is read
+    (["--base", "/x", "--record"], "--record writes the scores into a registered version: give REF as NAME"),
+    (["./runs/run-1", "--record"], "--record writes the scores into a registered version: give REF as NAME"),
 ])
 def test_eval_needs_exactly_one_model(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main(["eval", *args], capsys)
@@ -154,6 +158,23 @@ def test_the_job_scores_benchmarks_before_and_after_training(tiny_model_dir: Pat
     assert code == 0, err[-2000:]
     scored = json.loads(out)["benchmarks"]["medqa"]
     assert scored["content_sha256"] == after["content_sha256"] and scored["scored"] == 4
+
+    # --record appends what it printed to the version the ref resolved to; compare says where it comes from.
+    code, out, err = run_main(["eval", "tiny@candidate", "--benchmarks", "medqa", "--limit", "4",
+                               "--max-new-tokens", "6", "--data", f"medqa={medqa}", "--json", "--record",
+                               "--store", s3_bucket], capsys)
+    assert code == 0, err[-2000:]
+    [evaluation] = Registry.open(s3_bucket + "/registry").get("tiny:1").evaluations
+    assert dump(evaluation.benchmarks["medqa"]) == json.loads(out)["benchmarks"]["medqa"]
+    assert evaluation.artifact == "merged" and evaluation.evaluated_at
+    code, out, err = run_main(["registry", "compare", "tiny:1", "tiny@candidate", "--store", s3_bucket], capsys)
+    assert code == 0, err
+    [row] = [line for line in out.splitlines() if line.startswith("medqa scored by")]
+    assert row.split()[3:6] == ["medft", "eval", evaluation.evaluated_at]
+    code, out, err = run_main(["registry", "show", "tiny:1", "--store", s3_bucket], capsys)
+    [line] = [line for line in out.splitlines() if line.startswith("  evaluated ")]
+    assert line.split()[1:3] == ["medqa", f"{evaluation.benchmarks['medqa'].accuracy:.1%}"]
+    assert f"(merged, {evaluation.evaluated_at}, by " in line
 
     # The gate reads the job's score: a version with a medqa score may become production.
     code, out, err = run_main(["registry", "alias", "tiny", "production", "1", "--require", "medqa",

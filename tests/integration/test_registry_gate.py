@@ -1,7 +1,8 @@
 """The benchmark gate on alias moves and ``medft registry compare``, on a local store and the moto S3 server.
 
 Versions are registered from sample runs whose records carry ``metrics.benchmarks_after`` as the job writes
-them; the gate reads them back through the registry.
+them; scores taken later are appended as ``medft eval --record`` appends them (``Registry.record_evaluation``);
+the gate reads them back through the registry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from registry.errors import ConfigError
+from registry.errors import ConfigError, DataError
+from registry.records import BenchmarkScore, EvaluationRecord
 from registry.registry import Registry
 from tests.alias_race import move_alias_before_our_write
 from tests.cli import error_lines, run_main
@@ -105,6 +107,64 @@ def test_gate_refuses_scores_taken_on_other_questions_or_token_limits(
         assert reg.get("m@production").version == 1
     code, out, _ = run_main(["registry", "alias", "m", "production", "4", *args], capsys)  # scored alike
     assert code == 0 and reg.get("m@production").version == 4
+
+
+def _evaluation(accuracy: float, when: str, **change: Any) -> EvaluationRecord:
+    score = BenchmarkScore.model_validate({**_score(accuracy), **change})
+    return EvaluationRecord(benchmarks={"medqa": score}, artifact="merged", evaluated_at=when, by="tester")
+
+
+def test_recorded_evaluations_rescore_versions_for_the_gate_and_compare(
+        store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    """v2 was trained without benchmarks: a recorded evaluation gives it its first score. v3 was trained with
+    a 256-token limit, so the gate cannot compare it with @production's v1; re-scoring it the same way
+    (``medft eval --record``) lets the gate judge it. The latest evaluation of a benchmark is the one that
+    counts."""
+    reg = _versions(store_uri, publish_sample_run, [0.55, None])
+    record = _record(0.70)
+    record["metrics"]["benchmarks_after"]["medqa"]["max_new_tokens"] = 256
+    reg.register("m", publish_sample_run(store_uri, run_id="run-3", record=record))
+    with pytest.raises(ConfigError, match="m:2 has no medqa score .*`medft eval m:2 --benchmarks medqa --record`"):
+        reg.set_alias("m", 2, "production", require=["medqa"])
+    with pytest.raises(ConfigError, match="different max_new_tokens, .* score both the same way"):
+        reg.set_alias("m", 3, "production", require=["medqa"])
+
+    reg.record_evaluation("m", 3, _evaluation(0.52, "2026-12-01T10:00:00Z"))  # re-scored at 1024: worse
+    with pytest.raises(ConfigError, match=r"m:3 scores 52.0% .* lower than m:1"):
+        reg.set_alias("m", 3, "production", require=["medqa"])
+    reg.record_evaluation("m", 2, _evaluation(0.50, "2026-12-01T10:00:00Z"))
+    stored = reg.record_evaluation("m", 2, _evaluation(0.60, "2026-12-01T11:00:00Z"))  # the later one counts
+    assert [e.benchmarks["medqa"].accuracy for e in stored.evaluations] == [0.5, 0.6]
+    assert reg.set_alias("m", 2, "production", require=["medqa"]).version == 2
+    assert reg.gate_overrides("m") == []
+
+    code, out, _ = run_main(["registry", "compare", "m:1", "m:2", "m:3", "--store", store_uri], capsys)
+    assert code == 0
+    lines = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    assert lines["medqa"].split()[1::3] == ["55.0%", "60.0%", "52.0%"]
+    assert lines["medqa scored by"].split()[3:] == ["training", "medft", "eval", "2026-12-01T11:00:00Z", "medft",
+                                                   "eval", "2026-12-01T10:00:00Z"]
+    # The record as stored: appended, the job's own record untouched.
+    data, _ = reg.store.get_bytes("models/m/versions/2.json")
+    doc = json.loads(data)
+    assert [e["evaluated_at"] for e in doc["evaluations"]] == ["2026-12-01T10:00:00Z", "2026-12-01T11:00:00Z"]
+    assert doc["evaluations"][1]["benchmarks"]["medqa"]["content_sha256"] == "c" * 64
+    assert doc["run_id"] == "run-2" and "benchmarks_after" not in doc["metrics"]
+
+
+def test_a_corrupt_evaluation_is_refused_and_never_extended(tmp_path: Path,
+                                                            publish_sample_run: Callable[..., str]) -> None:
+    store_uri = str(tmp_path / "store")
+    reg = _versions(store_uri, publish_sample_run, [0.55])
+    path = Path(reg.store.url("models/m/versions/1.json"))
+    doc = json.loads(path.read_text())
+    doc["evaluations"] = [{"benchmarks": {"medqa": {"accuracy": "very high"}}}]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"1.json: evaluations\[0\]: field 'benchmarks.medqa.accuracy.* is invalid"):
+        reg.get("m:1")
+    with pytest.raises(DataError, match="registry record is corrupt"):
+        reg.record_evaluation("m", 1, _evaluation(0.6, "2026-12-01T10:00:00Z"))
+    assert json.loads(path.read_text()) == doc  # not extended
 
 
 def test_force_moves_past_the_gate_and_records_the_override(

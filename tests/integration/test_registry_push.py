@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from registry.records import EvaluationRecord
 from registry.registry import Registry
 from registry.store import open_store
 from registry.versions import HubPush
@@ -209,18 +210,24 @@ def test_unreachable_hub_exits_75(hub: FakeHub, registered: Registry, monkeypatc
     assert "cannot reach the Hub for hf://org/med (ConnectError" in line
 
 
-def test_concurrent_pushes_are_all_recorded(registered: Registry) -> None:
+def test_concurrent_pushes_and_evaluations_are_all_recorded(registered: Registry) -> None:
+    """Pushes and ``medft eval --record`` append to the same version record at once: none is lost."""
     def record(i: int) -> None:
+        if i % 2:
+            registered.record_evaluation("med", 1, EvaluationRecord(artifact="merged", evaluated_at=f"t{i}"))
+            return
         registered.record_push("med", 1, HubPush(repo=f"org/m{i}", revision="main", commit=f"{i:040x}",
                                                  url=f"https://hub/org/m{i}", artifact="merged",
                                                  pushed_at="2026-01-01T00:00:00Z"))
 
-    threads = [threading.Thread(target=record, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(p.repo for p in registered.get("med:1").pushes) == [f"org/m{i}" for i in range(8)]
+    version = registered.get("med:1")
+    assert sorted(p.repo for p in version.pushes) == sorted(f"org/m{i}" for i in range(0, 12, 2))
+    assert sorted(e.evaluated_at for e in version.evaluations) == sorted(f"t{i}" for i in range(1, 12, 2))
 
 
 def test_a_record_written_before_pushes_existed_still_reads(registered: Registry) -> None:
