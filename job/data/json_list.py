@@ -1,7 +1,8 @@
 """A JSON list of row objects, streamed with ijson: one record at a time, memory bounded by the row size cap.
 
 ijson (its yajl C backend) parses; this module adds what a data file needs on top of a parser: bytes are
-checked before the parser sees them (no NUL, valid UTF-8, no row over the size cap), nesting is refused
+checked before the parser sees them (no NUL, valid UTF-8, no unpaired ``\ud800``-style surrogate escape,
+no row over the size cap), nesting is refused
 beyond a depth, and every failure becomes one :class:`DataError` line naming the row, as the other
 readers do. yajl reports no byte offsets, so the few messages that name the offending character between
 rows are completed by re-parsing the file up to that point (:func:`_char_after`), on the error path only.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,11 @@ from registry.errors import DataError
 # which is an order of magnitude slower and decodes a broken \ud800 escape differently.
 _backend = ijson.get_backend("yajl2_c")
 _WHITESPACE = b" \t\r\n"
+# A \uD800-\uDFFF escape (when its backslash is not itself escaped), how one starts, its high and low halves.
+_SURROGATE_START = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LOW_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
 def mib(n: int) -> str:
@@ -41,17 +48,56 @@ class Limits:
     chunk_bytes: int
 
 
+def _surrogate_check(data: bytes, final: bool) -> tuple[str, int] | None:
+    """``("unpaired", i)`` when the first unpaired surrogate escape in ``data`` starts at ``i``; ``("hold", i)``
+    when an escape from ``i`` on may go on past the end of ``data`` (so is judged with the next bytes, unless
+    ``final``); None when ``data`` holds neither.
+
+    yajl decodes a high surrogate escape without its low half (``"\\ud800"``) as ``?``, silently, and a lone
+    low one (``"\\udc00"``) raises UnicodeDecodeError; ``json.loads`` keeps both as unpaired surrogates, which
+    the row check refuses. Refusing them in the bytes holds a JSON list to the same rule as JSONL.
+    """
+    pos = 0
+    while found := _SURROGATE_START.search(data, pos):  # a C-speed search: most text has none
+        at = pos = found.start()
+        if _escaped(data, at):
+            pos += 1
+        elif len(data) - at < 12 and not final:  # the escape, or the low half after it, may go on
+            return "hold", at
+        elif not _SURROGATE_ESCAPE.match(data, at):
+            pos += 1  # not four hex digits: invalid JSON, which the parser names
+        elif not (_HIGH_SURROGATE_ESCAPE.match(data, at) and _LOW_SURROGATE_ESCAPE.match(data, at + 6)):
+            return "unpaired", at  # a low half with no high one before it, or a high one without its low
+        else:
+            pos = at + 12
+    last = data.rfind(b"\\", max(pos, len(data) - 5))
+    if last >= 0 and not final and not _escaped(data, last):
+        tail = data[last:]
+        if len(tail) < 2 or (tail[1:2] == b"u" and len(tail) < 6):
+            return "hold", last  # an escape cut off by the end of the bytes read so far
+    return None
+
+
+def _escaped(data: bytes, at: int) -> bool:
+    """Whether the backslash at ``at`` is escaped: an odd number of backslashes runs right before it (the
+    bytes before ``data`` need not be seen: an escape held back starts ``data``)."""
+    start = at
+    while start > 0 and data[start - 1] == 0x5C:  # backslash
+        start -= 1
+    return (at - start) % 2 == 1
+
+
 class _CheckedBytes:
     """The file's bytes for the parser, without a BOM, cut off just before a NUL, invalid UTF-8 or too big a row.
 
     Cutting (rather than failing at once) lets the parser finish the rows before the bad byte, so the
     error names the row that holds it; the parser then sees an early end and ``stop`` says why:
-    ``"binary"``, ``"utf-8"`` or ``"row_size"``, at file offset ``stop_offset``.
+    ``"binary"``, ``"utf-8"``, ``"surrogate"`` or ``"row_size"``, at file offset ``stop_offset``.
     """
 
     def __init__(self, f: BinaryIO, limits: Limits) -> None:
         self._f, self._limits = f, limits
-        self._pending = b""  # a character split across two reads
+        self._pending = b""  # held back to go with the next read: a character or an escape split across two
         self._held = b""  # read by peek_char, not yet handed to the parser
         self.offset = 0  # file offset of the next byte to hand out
         self.chunk_start = 0  # file offset of the last chunk handed out
@@ -78,6 +124,11 @@ class _CheckedBytes:
             else:  # a chunk with NUL bytes is binary even where an invalid byte comes first
                 self.stop, self.stop_offset = self.stop or "utf-8", self.offset + e.start
             data = data[:e.start]
+        surrogate = _surrogate_check(data, self.eof or self.stop is not None)
+        if surrogate is not None and surrogate[0] == "hold":  # read again, with what follows it
+            self._pending, data = data[surrogate[1]:] + self._pending, data[:surrogate[1]]
+        elif surrogate is not None:  # it comes before any other cut in these bytes
+            data, self.stop, self.stop_offset = data[:surrogate[1]], "surrogate", self.offset + surrogate[1]
         return data
 
     def read(self, size: int = -1) -> bytes:
@@ -171,6 +222,9 @@ class _ListParse:
                               "text not in UTF-8 (UTF-16?); give a UTF-8 JSON list")
         if source.stop == "utf-8":
             return self._fail(f"not valid UTF-8 (byte offset {source.stop_offset}); re-save the file as UTF-8")
+        if source.stop == "surrogate":
+            return self._fail(f"an unpaired surrogate (a broken \\ud800-style escape) near byte offset "
+                              f"{source.stop_offset}; fix the text")
         if source.stop == "row_size":
             return self._too_big()
         if source.eof and self.depth >= 2:
@@ -269,8 +323,10 @@ def check_line_depth(text: str, display: str, where: str, depth: int) -> None:
     if text.count("[") + text.count("{") <= depth:
         return
     level = 0
+    # Surrogate escapes become spaces here: yajl cannot decode an unpaired one, and the row check names it.
+    data = _SURROGATE_ESCAPE.sub(rb"\\u0020", text.encode("utf-8"))
     try:
-        for event, _ in _backend.basic_parse(io.BytesIO(text.encode("utf-8")), use_float=True):
+        for event, _ in _backend.basic_parse(io.BytesIO(data), use_float=True):
             if event in ("start_map", "start_array"):
                 level += 1
                 if level > depth:
