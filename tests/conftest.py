@@ -91,7 +91,7 @@ def s3_client() -> Callable[[str], Any]:
 def s3_server(_aws_test_env: None) -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks: no race for a port
     server.start()
     host, port = server.get_host_and_port()
     try:
@@ -192,7 +192,7 @@ def s3_serial_server(_aws_test_env: None) -> Iterator[SerialS3]:
 
     faults = Faults()
     app = fault_middleware(DomainDispatcherApplication(create_backend_app), faults)
-    server = make_server("127.0.0.1", _free_port(), app, threaded=False, request_handler=MotoRequestHandler)
+    server = make_server("127.0.0.1", 0, app, threaded=False, request_handler=MotoRequestHandler)
     server.request_queue_size = 256  # room for many concurrent clients waiting their turn
     thread = threading.Thread(target=server.serve_forever, name="moto-serial", daemon=True)
     thread.start()

@@ -106,6 +106,7 @@ class Rule(RequestRule):
     seconds: float = 0.0
     barrier: int | None = None
     _held: list[tuple[threading.Event, list[bool]]] = field(default_factory=list)
+    _parked: int = 0  # requests parked in all (a hit counts before its request is parked)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     # hold ----------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class Rule(RequestRule):
         """Wait until this rule has parked at least ``n`` requests in all; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.hits < n:
+            while self._parked < n:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -139,6 +140,7 @@ class Rule(RequestRule):
         event, decision = threading.Event(), []
         with self._cond:
             self._held.append((event, decision))
+            self._parked += 1
             self._cond.notify_all()
             if self.barrier is not None and len(self._held) >= self.barrier:
                 ready, self._held = self._held, []
@@ -156,6 +158,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     proxy: FaultProxy
 
 
+RANDOM_STREAK = 3
+
+
 class FaultProxy:
     """See the module docstring. Use as a context manager or call :meth:`close`."""
 
@@ -169,6 +174,7 @@ class FaultProxy:
         self.requests: list[tuple[str, str, str]] = []
         self.injected: list[tuple[str, str, str, str]] = []  # (action, label, method, path)
         self.lock = threading.Lock()
+        self._streaks: dict[tuple[str, str, str], int] = {}  # random faults in a row, by request
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
@@ -219,10 +225,15 @@ class FaultProxy:
         return dict(sorted(out.items()))
 
     def _decide(self, method: str, path: str, query: str) -> Rule | None:
+        key = (method, path, query)
         with self.lock:
-            self.requests.append((method, path, query))
+            self.requests.append(key)
+            # Random faults (rate < 1) never hit one request more than RANDOM_STREAK times in a row: fewer
+            # than the client's attempts, so a seeded fault rate cannot fail a run by a run of bad luck.
+            random_ok = self._streaks.get(key, 0) < RANDOM_STREAK
             rule = first_due(self.rules, method, path, query,
-                             admit=lambda r: r.rate >= 1.0 or self.rng.random() < r.rate)
+                             admit=lambda r: r.rate >= 1.0 or (random_ok and self.rng.random() < r.rate))
+            self._streaks[key] = self._streaks.get(key, 0) + 1 if rule is not None and rule.rate < 1.0 else 0
             if rule is None:
                 return None
             with rule._cond:

@@ -43,14 +43,17 @@ def _steps(job: Job) -> list[int]:
 
 
 def test_lease_stolen_mid_training_stops_the_job_with_75_and_nothing_of_the_thief_is_touched(
-        tiny_model_dir, s3_server, s3_bucket, job_env, tmp_path):
+        tiny_model_dir, s3_serial_server, s3_serial_bucket, job_env, tmp_path):
+    # The serial server: the threaded one checks an If-Match and then writes without a lock, so the job's
+    # conditional renewal could land over the thief's plain write and the steal would go unnoticed.
+    s3_bucket = s3_serial_bucket
     run_id = "run-stolen"
     run = open_store(s3_bucket).child(f"runs/{run_id}")
     args = _args(tiny_model_dir, s3_bucket, run_id, "--set", "train.max_steps=12")  # a checkpoint every 2 steps
     thief_lease = json.dumps({"owner": "thief-pod:1:cafe", "expires": time.time() + 600}).encode()
     thief_files = {"checkpoints/checkpoint-4/adapter_model.safetensors": b"the thief's checkpoint",
                    "adapter/adapter_model.safetensors": b"the thief's adapter", "metrics.json": b'{"thief": 1}'}
-    with FaultProxy(s3_server) as proxy:
+    with FaultProxy(s3_serial_server.endpoint) as proxy:
         gate = proxy.add("hold", method="PUT", path=rf"/runs/{run_id}/checkpoints/checkpoint-2/COMPLETE\.json$")
         env = {**job_env, "MEDFT_S3_ENDPOINT_URL": proxy.endpoint, "MEDFT_LEASE_SECONDS": "2"}
         job = Job(medft_cmd(*args), cwd=ROOT, env=env)

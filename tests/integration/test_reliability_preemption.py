@@ -153,7 +153,9 @@ def test_sigkill_in_training_upload_publish_and_register_loses_nothing(tiny_mode
         assert last.wait() == 0, last.stderr[-3000:]
         assert "already published" in last.stdout
         # No retraining, no re-upload: one check (HEAD) per published file, a few reads and one registry record.
-        assert len(proxy.requests) < len(published["files"]) + 25  # 15 files and < 40 requests before the loss curve
+        # The lease's renewals (every 0.5 s at MEDFT_LEASE_SECONDS=2) grow with how slow the machine is: not counted.
+        work = [r for r in proxy.requests if not r[1].endswith(f"/{run_id}/LEASE.json")]
+        assert len(work) < len(published["files"]) + 25
 
     manifest = assert_published_whole(s3_bucket, run_id, tmp_path / "final")
     assert manifest["created_at"] == published["created_at"]  # published once, never rewritten

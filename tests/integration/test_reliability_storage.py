@@ -41,7 +41,8 @@ def test_flaky_s3_job_still_publishes_a_whole_run(tiny_model_dir, s3_server, s3_
                    proxy.add("drop_after", method="PUT", path=r"/registry/models/tiny/versions/", times=1),
                    proxy.add("drop_after", method="PUT", path=r"/COMPLETE\.json$", times=1),
                    proxy.add("truncate", method="GET", path=r"/config\.yaml$", times=1),
-                   proxy.add("drop", method="PUT", path=r"/merged/", times=1)]
+                   proxy.add("drop", method="PUT", path=r"/merged/", times=1),
+                   proxy.add("delay", seconds=0.3, method="GET", times=1)]
         # ...then a seeded fraction of every request.
         proxy.add("error", status=503, code="SlowDown", rate=0.07)
         proxy.add("error", status=500, code="InternalError", rate=0.03)

@@ -38,8 +38,11 @@ FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 FAKE_MLFLOW_PASSWORD = "mlflow-pass-7f3a9c1e5b"
 
 
-def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend under ``root``: the process and its URI."""
+def _start_mlflow_server(root: Path, attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend under ``root``: the process and its URI.
+
+    The port is picked free, then bound by the server seconds later; another process may take it meanwhile,
+    so a server that exits saying so is started again on another port."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -57,7 +60,11 @@ def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            log = (root / "server.log").read_text()
+            if attempts > 1 and "address already in use" in log.lower():
+                proc.wait()
+                return _start_mlflow_server(root, attempts - 1)
+            raise AssertionError(f"mlflow server did not start: {log[-2000:]}")
         time.sleep(0.5)
 
 
