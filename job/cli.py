@@ -117,8 +117,9 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--base", metavar="URI", default=None,
               help="Score a base model instead of REF: hf://org/name, s3://..., a directory or a .gguf file.")
 @click.option("--base-revision", metavar="REV", default=None, help="Hub revision of --base (pin a commit sha).")
-@click.option("--template", default="r1-medical", show_default=True,
-              help="Prompt template for --base (a REF is asked with the template it was trained with).")
+@click.option("--template", default=None,
+              help="Prompt template for --base [default: r1-medical] (a REF is asked with the template it was "
+                   "trained with).")
 @click.option("--benchmarks", default="medqa,medmcqa,pubmedqa", show_default=True,
               help="Comma-separated benchmarks: medqa, medmcqa, pubmedqa.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -138,7 +139,7 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
               help="Append the scores to REF's registry version, where `registry compare` and the alias gate "
                    "read them (REF must be NAME, NAME:VERSION or NAME@ALIAS).")
 @store_options
-def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, template: str, benchmarks: str,
+def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, template: str | None, benchmarks: str,
              limit: int | None, seed: int, max_new_tokens: int, batch_size: int, data_files: tuple[str, ...],
              artifact: str, as_json: bool, record: bool, store_uri: str, registry_uri: str | None) -> None:
     """Score a model on medical benchmarks: accuracy with a 95% interval, greedy, generative.

@@ -199,7 +199,8 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
         "**Not medical advice.** This model is a research artifact. Its answers can be wrong, incomplete or "
         "out of date and must not be used to diagnose or treat anyone.", "",
         "## Training data", "",
-        f"- source: `{data['source']}`, subset `{data.get('subset')}`, split `{data.get('split')}`",
+        f"- source: `{data['source']}`" + "".join(f", {key} `{data[key]}`" for key in ("subset", "split")
+                                                 if data.get(key) is not None),
         f"- rows used: {data['rows']}, content sha256 `{data['content_sha256']}`", "",
         "## Recipe", "", "```yaml", cfg.to_yaml().strip(), "```", "",
         "## Metrics", "", "| metric | value |", "| --- | --- |",

@@ -176,8 +176,9 @@ def _version_and_alias(first: str, second: str) -> tuple[int, str]:
 @click.argument("alias_or_version", metavar="ALIAS")
 @click.option("--delete", is_flag=True, help="Remove the alias (it must point at VERSION).")
 @click.option("--require", "require", multiple=True, metavar="BENCHMARK",
-              help="Move only if VERSION has a score on BENCHMARK (metrics.benchmarks_after) no lower than the "
-                   "version the alias points at now (repeatable, or comma-separated).")
+              help="Move only if VERSION has a score on BENCHMARK (medqa, medmcqa, pubmedqa; from training or "
+                   "`medft eval --record`) no lower than the version the alias points at now, scored the same way "
+                   "(repeatable, or comma-separated).")
 @click.option("--force", is_flag=True, help="Move past a --require refusal; the override is recorded in "
               "the model's aliases.json (gate_overrides).")
 @store_options
@@ -189,10 +190,11 @@ def alias_cmd(name: str, version_or_alias: str, alias_or_version: str, delete: b
     With --require medqa the move is refused (exit 2, nothing changed) when VERSION has no medqa score or
     scores lower than the version ALIAS points at now; the check and the move are one compare-and-swap.
     """
+    from registry.compare import required_benchmarks
     from registry.errors import ConfigError
 
     version, alias = _version_and_alias(version_or_alias, alias_or_version)
-    names = tuple(dict.fromkeys(n.strip().lower() for item in require for n in item.split(",") if n.strip()))
+    names = required_benchmarks(require)
     if force and not names:
         raise ConfigError("--force overrides a --require refusal; give --require BENCHMARK too")
     _, reg = _open(store_uri, registry_uri)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import ConfigError
+from registry.names import BENCHMARK_NAMES
 from registry.records import BenchmarkScore, RunMetrics, dotted
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
@@ -149,7 +150,7 @@ def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
     if not names:
         refs = ", ".join(e["ref"] for e in entries)
         raise ConfigError(f"--image: none of {refs} has a benchmark score to draw (scores come from training with "
-                          "eval.benchmarks); leave out --image")
+                          "eval.benchmarks, or from `medft eval REF --record`); leave out --image")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -182,7 +183,7 @@ def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
     metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
     partial = dest.with_name(f".{dest.name}.partial")
     try:
-        fig.savefig(partial, format=fmt, metadata=metadata)
+        fig.savefig(partial, format=fmt, metadata=metadata, bbox_inches="tight")  # the legend's long refs too
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
@@ -202,9 +203,45 @@ def _scored_differently(a: BenchmarkScore, b: BenchmarkScore) -> str | None:
     return " and ".join(differs) or None
 
 
+def required_benchmarks(items: Sequence[str]) -> tuple[str, ...]:
+    """``--require`` values (repeatable, each comma-separated) as benchmark names, in order, repeats dropped.
+
+    Raises ConfigError (exit 2) for an empty or unknown name: a gate with a typo or an empty variable in it
+    must not let every version through, nor ask for a score no command can make.
+    """
+    names: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            name = part.strip().lower()
+            if not name:
+                raise ConfigError(f"--require {item!r}: an empty benchmark name; use one or more of "
+                                  f"{', '.join(BENCHMARK_NAMES)}")
+            if name not in BENCHMARK_NAMES:
+                raise ConfigError(f"--require {item!r}: unknown benchmark {name!r}; use one or more of "
+                                  f"{', '.join(BENCHMARK_NAMES)}")
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _rescore(ref: str, name: str, like: BenchmarkScore | None) -> str:
+    """The ``medft eval`` command that scores ``ref`` on ``name`` the way ``like`` was scored (its question
+    subset, token limit and local file, where it records them) and records the score."""
+    flags = [f"--benchmarks {name}"]
+    if like is not None:
+        if like.limit is not None:
+            flags.append(f"--limit {like.limit} --seed {like.seed or 0}")
+        if like.max_new_tokens is not None:
+            flags.append(f"--max-new-tokens {like.max_new_tokens}")
+        if like.source and "://" not in like.source:
+            flags.append(f"--data {name}={like.source}")
+    return f"`medft eval {ref} {' '.join(flags)} --record`"
+
+
 def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
                  alias: str) -> str | None:
-    """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may.
+    """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may; the reason says
+    how to score what is missing.
 
     Refused when ``candidate`` has no score on a required benchmark, was scored on other questions or with
     another ``max_new_tokens`` than ``current`` (the version the alias points at now), or has a lower accuracy
@@ -215,22 +252,21 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
     mine = benchmark_scores(candidate)
     theirs = benchmark_scores(current) if current is not None else {}
     for name in require:
-        score = mine.get(name)
+        score, other = mine.get(name), theirs.get(name)
+        if other is not None and not isinstance(other.accuracy, (int, float)):
+            other = None
         if score is None or not isinstance(score.accuracy, (int, float)):
             has = ", ".join(sorted(mine)) or "none"
-            return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with `medft eval "
-                    f"{candidate.ref} --benchmarks {name} --record`, or pass --force to move @{alias} anyway")
-        other = theirs.get(name)
-        if current is None or other is None or not isinstance(other.accuracy, (int, float)):
+            return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with "
+                    f"{_rescore(candidate.ref, name, other)}")
+        if current is None or other is None:
             continue
         differs = _scored_differently(score, other)
         if differs:
             return (f"{candidate.ref} and {current.ref} (@{alias} now) were scored on {name} with different "
-                    f"{differs}, so their accuracies cannot be compared; score both the same way (`medft eval REF "
-                    f"--benchmarks {name} --record` with the same --limit, --seed, --max-new-tokens and data), "
-                    "or pass --force to move it anyway")
+                    f"{differs}, so their accuracies cannot be compared; score {candidate.ref} as {current.ref} was "
+                    f"with {_rescore(candidate.ref, name, other)}")
         if score.accuracy < other.accuracy:
             return (f"{candidate.ref} scores {format_score(score.model_dump(mode='json'))} on {name}, lower than "
-                    f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}; pass --force "
-                    "to move it anyway")
+                    f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}")
     return None

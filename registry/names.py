@@ -1,7 +1,7 @@
 """Names shared by the job, the registry and their command lines, each defined here once.
 
-The pattern every model name, alias and run id must match, the artifact names a published run holds, and the
-store used when none is named.
+The pattern every model name, alias and run id must match, the artifact names a published run holds, the
+benchmarks medft scores, and the store used when none is named.
 """
 
 from __future__ import annotations
@@ -13,5 +13,7 @@ NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 NAME_RE = re.compile(rf"^{NAME}$")
 #: The artifacts a run publishes, the one loaded by default first.
 ARTIFACTS = ("merged", "adapter")
+#: The benchmarks medft scores (their specs: ``job.medical_benchmarks``), which ``--require`` may name.
+BENCHMARK_NAMES = ("medqa", "medmcqa", "pubmedqa")
 #: The store when neither ``--store``, ``output.store`` nor ``MEDFT_STORE`` names one.
 DEFAULT_STORE = "./medft-store"

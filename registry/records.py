@@ -114,6 +114,21 @@ class BenchmarkScore(_Record):
     max_new_tokens: int | None = None
     seconds: Number | None = None
 
+    # The gate compares these: a hand-edited NaN or 1.5 must not pass for a score.
+    @field_validator("accuracy", "no_answer_share", "hit_limit_share")
+    @classmethod
+    def _share(cls, value: Number | None) -> Number | None:
+        if value is not None and not 0 <= value <= 1:  # NaN fails too
+            raise ValueError("must be a share from 0 to 1")
+        return value
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: list[Number] | None) -> list[Number] | None:
+        if value is not None and not (len(value) == 2 and 0 <= value[0] <= value[1] <= 1):
+            raise ValueError("must be [low, high] with 0 <= low <= high <= 1")
+        return value
+
 
 class EvaluationRecord(_Record):
     """One ``medft eval REF --record`` of a registered version, appended to its record's ``evaluations``:
@@ -216,10 +231,16 @@ def parse_record(model: type[R], data: Any, where: str, corrupt: str = "the run 
         return model.model_validate(data if data is not None else {})
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(part) for part in err["loc"])
+        # A union (``Number``) names the member it tried last in the location: not a field of the record.
+        parts = [str(part) for part in err["loc"]]
+        number = bool(parts) and parts[-1] in ("int", "float")
+        field = ".".join(parts[:-1] if number else parts)
         if err["type"] in ("dict_type", "model_type", "model_attributes_type"):
             what = "must be an object"
+        elif number:
+            what = f"must be a number (got {err['input']!r:.80})"
         else:
-            what = f"is invalid: {err['msg'].lower()} (got {err['input']!r:.80})"
+            reason = err["msg"].removeprefix("Value error, ")  # a validator's own words, as it wrote them
+            what = f"is invalid: {reason[:1].lower() + reason[1:]} (got {err['input']!r:.80})"
         name = f" field {field!r}" if field else ""
         raise DataError(f"{where}:{name} {what}; {corrupt}") from None

@@ -319,20 +319,21 @@ class Registry:
                   force: bool = False) -> ModelVersion:
         """Point ``name@alias`` at ``version`` (compare-and-swap, retried on a concurrent update).
 
-        ``require``: benchmark names gating the move (:func:`registry.compare.gate_refusal`): refused with
+        ``require``: benchmark names gating the move (:func:`registry.compare.gate_refusal`; an empty or unknown
+        name is a ConfigError): refused with
         ConfigError (exit 2, nothing written) when ``version`` has no score on one, or scores lower than the
         version the alias points at when the swap is made (checked again on every CAS attempt, so a concurrent
         move is gated too). ``force`` moves it anyway and records the override, with the refusal it overrode,
         in ``aliases.json`` (``gate_overrides``) in the same write.
         """
-        from registry.compare import gate_refusal
+        from registry.compare import gate_refusal, required_benchmarks
 
         check_name(name)
         check_alias(alias)
         version = int(version)
         if version < 1 or not self.store.exists(self._version_key(name, version)):
             raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}")
-        require = tuple(require)
+        require = required_benchmarks(require)
         candidate = self._read(name, version, {}) if require else None
 
         def change(aliases: dict[str, int]) -> tuple[dict[str, int], dict[str, Any] | None]:
@@ -342,7 +343,8 @@ class Registry:
                 current = self._read(name, previous, {}) if previous is not None and previous != version else None
                 refusal = gate_refusal(candidate, current, require, alias)
                 if refusal is not None and not force:
-                    raise ConfigError(f"refused to move {name}@{alias}: {refusal}; nothing changed")
+                    raise ConfigError(f"refused to move {name}@{alias}: {refusal}; or pass --force to move it "
+                                      "anyway; nothing changed")
                 if refusal is not None:
                     override = {"alias": alias, "version": version, "previous": previous, "require": list(require),
                                 "refusal": refusal, "at": now_iso(), "by": current_user()}

@@ -33,7 +33,7 @@ DEFAULT_BENCHMARKS = "medqa,medmcqa,pubmedqa"
 
 
 def parse_data_files(items: Sequence[str]) -> dict[str, BenchmarkChoice]:
-    """``("medqa=path.jsonl", ...)`` -> {name: choice with that file}; ConfigError for a bad item."""
+    """``("medqa=path.jsonl", ...)`` -> {name: choice with that file}; ConfigError for a bad or repeated item."""
     out: dict[str, BenchmarkChoice] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -42,8 +42,32 @@ def parse_data_files(items: Sequence[str]) -> dict[str, BenchmarkChoice]:
             raise ConfigError(f"--data {item!r}: write BENCHMARK=FILE, e.g. --data medqa=medqa-test.jsonl")
         if name not in BENCHMARKS:
             raise ConfigError(f"--data {item!r}: unknown benchmark {name!r}; use one of {known_names()}")
+        if name in out:
+            raise ConfigError(f"--data {item!r}: {name} is given twice; give one file per benchmark")
         out[name] = BenchmarkChoice(file=path.strip())
     return out
+
+
+def _check_model_args(ref: str | None, base: str | None, template: str | None, base_revision: str | None,
+                      record: bool) -> None:
+    """ConfigError (exit 2) unless exactly one model is named, with only the options that apply to it."""
+    from job.inference.refs import is_run_uri
+
+    if ref is None and base is None:
+        raise ConfigError("give a model to score: REF (NAME, NAME:VERSION, NAME@ALIAS or a run folder) or "
+                          "--base URI (a base model)")
+    if ref is not None and base is not None:
+        raise ConfigError(f"give REF ({ref}) or --base URI ({base}), not both")
+    if ref is not None and (template is not None or base_revision is not None):
+        option = "--template" if template is not None else "--base-revision"
+        raise ConfigError(f"{option} applies to --base only: REF {ref} is asked with the template it was trained "
+                          "with, and loads the base revision its record names")
+    if record and base is not None:
+        raise ConfigError("--record writes the scores into a registered version, and --base names none; give "
+                          "REF as NAME, NAME:VERSION or NAME@ALIAS")
+    if record and ref is not None and is_run_uri(ref):
+        raise ConfigError(f"--record writes the scores into a registered version, and {ref} is a run folder; "
+                          "register it with `medft registry register NAME RUN_URI` and give NAME:VERSION")
 
 
 def score_table(scores: dict[str, BenchmarkScore]) -> str:
@@ -56,31 +80,28 @@ def score_table(scores: dict[str, BenchmarkScore]) -> str:
 
 
 def eval_command(ref: str | None, *, base: str | None = None, base_revision: str | None = None,
-                 template: str = "r1-medical", benchmarks: str = DEFAULT_BENCHMARKS, limit: int | None = None,
+                 template: str | None = None, benchmarks: str = DEFAULT_BENCHMARKS, limit: int | None = None,
                  seed: int = 0, max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
                  batch_size: int = DEFAULT_BATCH_SIZE, data_files: Sequence[str] = (), artifact: str = "merged",
                  store: str | None = None, registry: str | None = None, as_json: bool = False,
                  record: bool = False, cache_dir: str | None = None,
                  out: TextIO | None = None) -> dict[str, BenchmarkScore]:
     """``medft eval``: score REF (a registry ref or run folder) or, with ``base``, a base model (any
-    ``model.base`` URI, asked with ``template``) on ``benchmarks``; returns the scores by benchmark. With
-    ``record``, REF must be a registry ref: the scores are appended to that version's ``evaluations``.
+    ``model.base`` URI, asked with ``template``, default ``r1-medical``) on ``benchmarks``; returns the scores
+    by benchmark. With ``record``, REF must be a registry ref: the scores are appended to that version's
+    ``evaluations``, and the output says so.
 
-    Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, an unknown benchmark, a bad
-    ``--data`` item, ``record`` without a registry ref), and what loading questions (DataError 3,
-    NotFoundError 4, AccessDeniedError 5, TransientError 75), resolving the ref, loading the weights and
-    writing the record (ConflictError 75, the store's errors) raise.
+    Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, ``template`` or
+    ``base_revision`` with REF, an unknown benchmark or template, a bad or repeated ``--data`` item,
+    ``record`` without a registry ref), and what loading questions (DataError 3, NotFoundError 4,
+    AccessDeniedError 5, TransientError 75), resolving the ref, loading the weights and writing the record
+    (ConflictError 75, the store's errors) raise; the scores are printed before a failed write's error.
     """
     from job.inference.loading import load, load_base, unload
-    from job.inference.refs import Version, is_run_uri, resolve_ref
+    from job.inference.refs import Version, resolve_ref
 
     out = out or sys.stdout
-    if (ref is None) == (base is None):
-        raise ConfigError("give a model to score: REF (NAME, NAME:VERSION, NAME@ALIAS or a run folder) or "
-                          "--base URI (a base model), not both")
-    if record and (ref is None or is_run_uri(ref)):
-        raise ConfigError("--record writes the scores into a registered version: give REF as NAME, NAME:VERSION "
-                          "or NAME@ALIAS (register a run folder first with `medft registry register`)")
+    _check_model_args(ref, base, template, base_revision, record)
     names = parse_benchmarks(benchmarks)
     choices = parse_data_files(data_files)
     unused = sorted(set(choices) - set(names))
@@ -88,18 +109,21 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
         raise ConfigError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks {','.join(names)}")
     settings = EvalSettings(sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
                             batch_size=batch_size)
+    if base is not None:
+        from job.templates import TEMPLATES
+
+        template = template or "r1-medical"
+        if template not in TEMPLATES:  # before any download
+            raise ConfigError(f"--template {template!r}: unknown template; use one of {', '.join(sorted(TEMPLATES))}")
     suite = load_suite(names, choices, limit=limit, seed=seed, cache_dir=cache_dir)
     if base is not None:
-        from job.templates import get_template
-
-        get_template(template)  # an unknown template fails before any download
         version = Version(label=f"base {base}", artifacts={},
                           base_model=BaseModelLineage(uri=base, revision=base_revision),
                           config={"data": {"template": template}})
         version.base_uri()  # a URI no source could mean fails here, before any download
         loaded = load_base(version)
     else:
-        version = resolve_ref(ref, store=store, registry=registry)
+        version = resolve_ref(str(ref), store=store, registry=registry)
         loaded = load(version, artifact)
     try:
         scores = score_suite(loaded, suite, settings)
@@ -107,24 +131,30 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
         label = loaded.label
         unload(loaded)
     log.info("eval.done", ref=label, benchmarks=list(scores))
-    if as_json:
-        payload: dict[str, Any] = {"ref": label, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
-                                   "benchmarks": {n: dump(s) for n, s in scores.items()}}
-        out.write(json.dumps(payload, indent=2) + "\n")
-    else:
+    payload: dict[str, Any] = {"ref": label, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
+                               "benchmarks": {n: dump(s) for n, s in scores.items()}}
+    if not as_json:
         out.write(f"{label}: greedy, max {max_new_tokens} new tokens"
                   + (f", {limit} questions per benchmark (seed {seed})" if limit else "") + "\n")
         out.write(score_table(scores) + "\n")
-    out.flush()
-    if record:
-        _record(version.label, scores, artifact, store, registry)
+        out.flush()
+    try:
+        if record:
+            payload["recorded"] = _record(label, scores, artifact, store, registry)
+            if not as_json:
+                out.write(f"recorded as evaluation {payload['recorded']['evaluation']} of {label}\n")
+    finally:  # the scores are printed even when the record could not be written
+        if as_json:
+            out.write(json.dumps(payload, indent=2) + "\n")
+        out.flush()
     return scores
 
 
 def _record(label: str, scores: dict[str, BenchmarkScore], artifact: str, store: str | None,
-            registry: str | None) -> None:
+            registry: str | None) -> dict[str, Any]:
     """Append ``scores`` to the ``evaluations`` of the registered version ``label`` (``NAME:VERSION``, the
-    version the ref resolved to before scoring, even if an alias has moved since)."""
+    version the ref resolved to before scoring, even if an alias has moved since); returns where they went:
+    ``{"ref": label, "evaluation": n}`` (1 for the first)."""
     from registry.registry import Registry, current_user, parse_ref
     from registry.runs import now_iso
 
@@ -132,4 +162,7 @@ def _record(label: str, scores: dict[str, BenchmarkScore], artifact: str, store:
     assert number is not None, label  # a registry ref resolves to NAME:VERSION
     evaluation = EvaluationRecord(benchmarks=scores, artifact=artifact, evaluated_at=now_iso(), by=current_user())
     stored = Registry.at(store, registry).record_evaluation(name, number, evaluation)
-    log.info("eval.recorded", ref=label, benchmarks=list(scores), evaluations=len(stored.evaluations))
+    # Its place in the list as written (another may have been appended right after it).
+    position = [dump(e) for e in stored.evaluations].index(dump(evaluation)) + 1
+    log.info("eval.recorded", ref=label, benchmarks=list(scores), evaluation=position)
+    return {"ref": label, "evaluation": position}

@@ -164,11 +164,11 @@ class LocalStore(BaseStore):
     # reads -----------------------------------------------------------------------------------------
     def get_bytes(self, key: str) -> tuple[bytes, str]:
         p = self._path(key)
-        try:
-            with os_errors(p, "reading"):
+        with os_errors(p, "reading"):
+            try:
                 data = p.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError(f"not found: {self.url(key)}") from None
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise NotFoundError(f"not found: {self.url(key)}") from None
         return data, hashlib.sha256(data).hexdigest()
 
     def get_file(self, key: str, dest: Path, *, sha256: str | None = None, task: Task | None = None) -> ObjectInfo:
@@ -193,11 +193,11 @@ class LocalStore(BaseStore):
     def content_matches(self, key: str, sha256: str, checksum: str | None = None) -> bool:
         """Whether the file's sha256 is ``sha256``: every byte is read (a disk keeps no checksum)."""
         p = self._path(key)
-        try:
-            with os_errors(p, "reading"):
+        with os_errors(p, "reading"):
+            try:
                 return sha256_file(p) == sha256
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError(f"not found: {self.url(key)}") from None
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise NotFoundError(f"not found: {self.url(key)}") from None
 
     def stat(self, key: str) -> ObjectInfo:
         p = self._path(key)

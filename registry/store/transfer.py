@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from registry.errors import AccessDeniedError, ConfigError, MedftError, TransientError
+from registry.errors import AccessDeniedError, ConfigError, DataError, MedftError, TransientError
 
 MiB = 1024**2
 S3_MIN_PART = 5 * MiB
@@ -119,6 +119,10 @@ def os_errors(path: Path | str, doing: str) -> Iterator[None]:
             raise AccessDeniedError(f"permission denied while {doing} {path}: {e.strerror}") from e
         if e.errno == errno.EIO:
             raise TransientError(f"I/O error while {doing} {path}: {e.strerror}") from e
+        if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+            # Something else stands where the store keeps a file (a folder, a file as a folder, a link loop).
+            raise DataError(f"{e.strerror} while {doing} {e.filename or path}: the store holds something "
+                            "unexpected there; move it away and retry") from e
         raise
 
 

@@ -64,6 +64,8 @@ def test_eval_scores_a_base_model_as_a_table_and_as_json(tiny_model_dir: Path, t
     (["--data", "medqa"], 2, "write BENCHMARK=FILE"),
     (["--benchmarks", "pubmedqa", "--data", "medqa=x.jsonl"], 2, "medqa is not in --benchmarks pubmedqa"),
     (["--data", "medqa=/nonexistent/medqa.jsonl"], 4, "/nonexistent/medqa.jsonl: no such file"),
+    (["--data", "medqa=a.jsonl", "--data", "MedQA=b.jsonl"], 2, "--data 'MedQA=b.jsonl': medqa is given twice"),
+    (["--template", "chatml-ish"], 2, "--template 'chatml-ish': unknown template; use one of"),
     (["--limit", "0"], 2, "--limit"),
 ])
 def test_eval_bad_input_is_one_line_and_its_exit_code(tiny_model_dir: Path, eval_env: None, args: list[str],
@@ -88,11 +90,14 @@ def test_eval_refuses_a_missing_column_before_loading_weights(tmp_path: Path, ev
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    ([], "give a model to score"),
-    (["some-model", "--base", "/x"], "not both"),
+    ([], "give a model to score: REF (NAME, NAME:VERSION, NAME@ALIAS or a run folder) or --base URI (a base model)"),
+    (["some-model", "--base", "/x"], "give REF (some-model) or --base URI (/x), not both"),
+    # options of --base that a REF would silently ignore
+    (["some-model", "--template", "r1-medical"], "--template applies to --base only: REF some-model is asked"),
+    (["some-model", "--base-revision", "abc123"], "--base-revision applies to --base only"),
     # --record needs a registry version to write to; refused before any question or weight is read
-    (["--base", "/x", "--record"], "--record writes the scores into a registered version: give REF as NAME"),
-    (["./runs/run-1", "--record"], "--record writes the scores into a registered version: give REF as NAME"),
+    (["--base", "/x", "--record"], "--record writes the scores into a registered version, and --base names none"),
+    (["./runs/run-1", "--record"], "and ./runs/run-1 is a run folder; register it with `medft registry register"),
 ])
 def test_eval_needs_exactly_one_model(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main(["eval", *args], capsys)
@@ -159,22 +164,29 @@ def test_the_job_scores_benchmarks_before_and_after_training(tiny_model_dir: Pat
     scored = json.loads(out)["benchmarks"]["medqa"]
     assert scored["content_sha256"] == after["content_sha256"] and scored["scored"] == 4
 
-    # --record appends what it printed to the version the ref resolved to; compare says where it comes from.
+    # --record appends what it printed to the version the ref resolved to, and says so; compare says where a
+    # score comes from.
     code, out, err = run_main(["eval", "tiny@candidate", "--benchmarks", "medqa", "--limit", "4",
                                "--max-new-tokens", "6", "--data", f"medqa={medqa}", "--json", "--record",
                                "--store", s3_bucket], capsys)
     assert code == 0, err[-2000:]
     [evaluation] = Registry.open(s3_bucket + "/registry").get("tiny:1").evaluations
-    assert dump(evaluation.benchmarks["medqa"]) == json.loads(out)["benchmarks"]["medqa"]
+    printed = json.loads(out)
+    assert dump(evaluation.benchmarks["medqa"]) == printed["benchmarks"]["medqa"]
+    assert printed["recorded"] == {"ref": "tiny:1", "evaluation": 1}
     assert evaluation.artifact == "merged" and evaluation.evaluated_at
+    code, out, err = run_main(["eval", "tiny:1", "--benchmarks", "medqa", "--limit", "4", "--max-new-tokens", "6",
+                               "--data", f"medqa={medqa}", "--record", "--store", s3_bucket], capsys)
+    assert code == 0 and out.splitlines()[-1] == "recorded as evaluation 2 of tiny:1", err[-2000:]
+    evaluation, latest = Registry.open(s3_bucket + "/registry").get("tiny:1").evaluations
     code, out, err = run_main(["registry", "compare", "tiny:1", "tiny@candidate", "--store", s3_bucket], capsys)
     assert code == 0, err
     [row] = [line for line in out.splitlines() if line.startswith("medqa scored by")]
-    assert row.split()[3:6] == ["medft", "eval", evaluation.evaluated_at]
+    assert row.split()[3:6] == ["medft", "eval", latest.evaluated_at]  # the latest score counts
     code, out, err = run_main(["registry", "show", "tiny:1", "--store", s3_bucket], capsys)
-    [line] = [line for line in out.splitlines() if line.startswith("  evaluated ")]
-    assert line.split()[1:3] == ["medqa", f"{evaluation.benchmarks['medqa'].accuracy:.1%}"]
-    assert f"(merged, {evaluation.evaluated_at}, by " in line
+    first = [line for line in out.splitlines() if line.startswith("  evaluated ")][0]
+    assert first.split()[1:3] == ["medqa", f"{evaluation.benchmarks['medqa'].accuracy:.1%}"]
+    assert f"(merged, {evaluation.evaluated_at}, by " in first
 
     # The gate reads the job's score: a version with a medqa score may become production.
     code, out, err = run_main(["registry", "alias", "tiny", "production", "1", "--require", "medqa",

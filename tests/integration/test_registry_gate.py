@@ -124,9 +124,12 @@ def test_recorded_evaluations_rescore_versions_for_the_gate_and_compare(
     record = _record(0.70)
     record["metrics"]["benchmarks_after"]["medqa"]["max_new_tokens"] = 256
     reg.register("m", publish_sample_run(store_uri, run_id="run-3", record=record))
-    with pytest.raises(ConfigError, match="m:2 has no medqa score .*`medft eval m:2 --benchmarks medqa --record`"):
+    # Each refusal gives the command that scores the candidate as @production's version was scored.
+    rescore = "--benchmarks medqa --limit 200 --seed 0 --max-new-tokens 1024 --record`; or pass --force"
+    with pytest.raises(ConfigError, match=f"m:2 has no medqa score .*; score it with `medft eval m:2 {rescore}"):
         reg.set_alias("m", 2, "production", require=["medqa"])
-    with pytest.raises(ConfigError, match="different max_new_tokens, .* score both the same way"):
+    with pytest.raises(ConfigError, match=f"different max_new_tokens, .*; score m:3 as m:1 was with `medft eval m:3 "
+                                          f"{rescore}"):
         reg.set_alias("m", 3, "production", require=["medqa"])
 
     reg.record_evaluation("m", 3, _evaluation(0.52, "2026-12-01T10:00:00Z"))  # re-scored at 1024: worse
@@ -152,19 +155,30 @@ def test_recorded_evaluations_rescore_versions_for_the_gate_and_compare(
     assert doc["run_id"] == "run-2" and "benchmarks_after" not in doc["metrics"]
 
 
-def test_a_corrupt_evaluation_is_refused_and_never_extended(tmp_path: Path,
-                                                            publish_sample_run: Callable[..., str]) -> None:
+@pytest.mark.parametrize(("score", "problem"), [
+    ({"accuracy": "very high"}, r"accuracy' must be a number \(got 'very high'\)"),
+    ({"accuracy": float("nan")}, r"accuracy' is invalid: must be a share from 0 to 1 \(got nan\)"),
+    ({"accuracy": 1.5}, r"accuracy' is invalid: must be a share from 0 to 1 \(got 1.5\)"),
+    ({"accuracy": 0.5, "interval": [0.6, 0.4]},
+     r"interval' is invalid: must be \[low, high\] with 0 <= low <= high <= 1 \(got \[0.6, 0.4\]\)"),
+    ({"accuracy": 0.5, "hit_limit_share": -0.1}, r"hit_limit_share' is invalid: must be a share from 0 to 1"
+                                                 r" \(got -0.1\)"),
+])
+def test_a_corrupt_evaluation_is_refused_and_never_extended(tmp_path: Path, publish_sample_run: Callable[..., str],
+                                                            score: dict[str, Any], problem: str) -> None:
+    """A hand-edited score the gate would compare (NaN passes every ``<``) is refused on reading."""
     store_uri = str(tmp_path / "store")
     reg = _versions(store_uri, publish_sample_run, [0.55])
     path = Path(reg.store.url("models/m/versions/1.json"))
     doc = json.loads(path.read_text())
-    doc["evaluations"] = [{"benchmarks": {"medqa": {"accuracy": "very high"}}}]
+    doc["evaluations"] = [{"benchmarks": {"medqa": score}}]
     path.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"1.json: evaluations\[0\]: field 'benchmarks.medqa.accuracy.* is invalid"):
+    with pytest.raises(DataError, match=r"1.json: evaluations\[0\]: field 'benchmarks.medqa." + problem
+                                        + r"; the registry record is corrupt$"):
         reg.get("m:1")
     with pytest.raises(DataError, match="registry record is corrupt"):
         reg.record_evaluation("m", 1, _evaluation(0.6, "2026-12-01T10:00:00Z"))
-    assert json.loads(path.read_text()) == doc  # not extended
+    assert path.read_text() == json.dumps(doc)  # not extended
 
 
 def test_force_moves_past_the_gate_and_records_the_override(
@@ -173,6 +187,7 @@ def test_force_moves_past_the_gate_and_records_the_override(
     code, out, _ = run_main(["registry", "alias", "m", "production", "2", "--require", "medqa", "--force",
                              "--store", store_uri], capsys)
     assert code == 0 and out.startswith("m@production -> m:2 (forced past: m:2 scores 50.0%")
+    assert "--force" not in out  # the refusal it records, not the hint to force it
     assert reg.get("m@production").version == 2
     [override] = reg.gate_overrides("m")
     assert {k: override[k] for k in ("alias", "version", "previous", "require")} == {
@@ -183,6 +198,28 @@ def test_force_moves_past_the_gate_and_records_the_override(
     assert reg.gate_overrides("m") == [override]
     code, _, err = run_main(["registry", "alias", "m", "production", "2", "--force", "--store", store_uri], capsys)
     assert code == 2 and "--force overrides a --require refusal" in error_lines(err)[0]
+
+
+@pytest.mark.parametrize(("require", "needle"), [
+    ("", "--require '': an empty benchmark name"),
+    ("medqa,", "--require 'medqa,': an empty benchmark name"),
+    ("usmle", "--require 'usmle': unknown benchmark 'usmle'; use one or more of medqa, medmcqa, pubmedqa"),
+])
+def test_an_empty_or_unknown_required_benchmark_is_refused_before_anything_moves(
+        tmp_path: Path, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str],
+        require: str, needle: str) -> None:
+    """An empty variable in a CI script (``--require "$BENCH"``) must not turn the gate off, and a typo must not
+    ask for a score no command can make, nor be recorded as what a forced move overrode."""
+    store_uri = str(tmp_path / "store")
+    reg = _versions(store_uri, publish_sample_run, [0.55, 0.50])
+    before = _aliases_doc(reg)
+    for force in ([], ["--force"]):
+        code, out, err = run_main(["registry", "alias", "m", "production", "2", "--require", require, *force,
+                                   "--store", store_uri], capsys)
+        assert code == 2 and out == "" and needle in error_lines(err)[0]
+    with pytest.raises(ConfigError, match="benchmark"):
+        reg.set_alias("m", 2, "production", require=[require])
+    assert _aliases_doc(reg) == before
 
 
 def test_gate_is_checked_against_a_concurrent_move(store_uri: str, publish_sample_run: Callable[..., str],

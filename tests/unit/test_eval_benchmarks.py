@@ -234,3 +234,10 @@ def test_an_uncached_benchmark_offline_is_not_found_in_one_line(tmp_path: Path) 
     assert "hf://qiaojin/PubMedQA (pqa_labeled, train)" in message and "\n" not in message
     assert "HF_HUB_OFFLINE" in message or "not found" in message
     json.dumps(message)  # one printable line
+
+
+def test_the_registry_gate_knows_every_benchmark_the_job_scores() -> None:
+    """``registry`` imports nothing from ``job``, so ``--require`` checks names against its own list."""
+    from registry.names import BENCHMARK_NAMES
+
+    assert tuple(BENCHMARKS) == BENCHMARK_NAMES

@@ -122,3 +122,18 @@ def test_model_card_names_a_hub_base_model_only_for_a_hub_base(uri: str, header:
     front = card.split("---\n")[1]
     assert front == f"license: apache-2.0\n{header}tags: [medical, reasoning, lora, medft]\n"
     assert f"A LoRA fine-tune of `{uri}`" in card
+
+
+@pytest.mark.parametrize("dataset, line", [
+    ({"source": "/data/rows.jsonl"}, "- source: `/data/rows.jsonl`\n"),
+    ({"source": "hf://org/data", "subset": None, "split": "train"}, "- source: `hf://org/data`, split `train`\n"),
+    ({"source": "hf://org/data", "subset": "en", "split": "train[:500]"},
+     "- source: `hf://org/data`, subset `en`, split `train[:500]`\n"),
+])
+def test_model_card_names_the_data_without_empty_settings(dataset: dict, line: str) -> None:
+    """A local file has no subset or split: the card leaves them out rather than printing Python's None."""
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": "hf://org/base"}, "dataset": {**dataset, "rows": 10, "content_sha256": "b" * 64}}
+    card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
+    assert line in card and "None" not in card.split("## Recipe")[0]

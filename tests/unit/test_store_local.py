@@ -187,3 +187,22 @@ def test_permission_denied_is_access_denied(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(AccessDeniedError, match="permission denied") as e:
         open_store(str(tmp_path / "ro")).put_bytes("a/b.json", b"{}")
     assert e.value.exit_code == 5
+
+
+def test_a_folder_where_the_store_keeps_a_file_is_one_line_exit_3(tmp_path: Path, publish_sample_run) -> None:
+    """A write that finds a folder in its way (here the version record's lock) fails with one line, not an
+    IsADirectoryError traceback, and writes nothing."""
+    from registry.errors import DataError
+    from registry.records import EvaluationRecord
+    from registry.registry import Registry
+
+    store = tmp_path / "store"
+    reg = Registry.open(str(store / "registry"))
+    reg.register("m", publish_sample_run(str(store)))
+    record = store / "registry/models/m/versions/1.json"
+    before = record.read_bytes()
+    (record.parent / ".1.json.medft-lock").mkdir()
+    with pytest.raises(DataError, match=r"while locking .*\.1\.json\.medft-lock: the store holds something "
+                                        "unexpected there; move it away and retry"):
+        reg.record_evaluation("m", 1, EvaluationRecord(artifact="merged"))
+    assert record.read_bytes() == before
