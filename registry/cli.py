@@ -167,6 +167,9 @@ def _version_and_alias(first: str, second: str) -> tuple[int, str]:
             if int(version) < 1:
                 break
             return int(version), alias
+    if "latest" in (first, second):
+        raise ConfigError("'latest' is not an alias to set: NAME@latest always means the highest version; give a "
+                          "version number (1, 2, ...) and an alias name")
     raise ConfigError(f"give a version number (1, 2, ...) and an alias name, got {first!r} and {second!r}")
 
 

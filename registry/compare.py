@@ -104,6 +104,8 @@ def comparison_text(versions: Sequence[ModelVersion]) -> str:
     for name in names:
         rows.append([name, *[format_score(e["benchmarks"].get(name)) for e in entries]])
         rows.append([f"{name} questions", *[_short((e["benchmarks"].get(name) or {}).get("scored")) for e in entries]])
+        rows.append([f"{name} max new tokens",
+                     *[_short((e["benchmarks"].get(name) or {}).get("max_new_tokens")) for e in entries]])
         rows.append([f"{name} scored by", *[_short(e["benchmarks_scored_by"].get(name)) for e in entries]])
     for key in ("eval_loss_before", "eval_loss_after"):
         rows.append([key.replace("_", " "), *[f"{e[key]:.4g}" if isinstance(e[key], (int, float)) else "-"

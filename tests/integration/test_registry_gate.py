@@ -248,6 +248,7 @@ def test_compare_puts_versions_side_by_side(store_uri: str, publish_sample_run: 
     assert lines["dataset"].split()[-2:] == ["hf://org/data", "hf://org/data"]
     assert lines["train.learning_rate"].split()[-2:] == ["0.0001", "0.0002"]
     assert lines["medqa questions"].split()[-2:] == ["200", "-"]
+    assert lines["medqa max new tokens"].split()[-2:] == ["1024", "-"]
     assert "output.run_id" not in lines and "model.base" not in lines  # same everywhere, or always different
     code, out, _ = run_main(["registry", "compare", "m:1", "m:2", "--json", "--store", store_uri], capsys)
     data = json.loads(out)

@@ -445,3 +445,9 @@ def test_a_hub_dataset_without_the_columns_names_them(monkeypatch: pytest.Monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"row 1: missing column 'Question' .*'instruction', 'output'"):
         load_rows(config_for("hf://x/y"))
+
+
+def test_a_folder_as_the_data_source_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "rows.jsonl"
+    folder.mkdir()
+    rejects(folder, ConfigError, "a folder; give one .json (a list), .jsonl, .parquet or .csv file")
