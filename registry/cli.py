@@ -9,6 +9,7 @@ exits with their code (an unknown ref exits 4 and names it).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -163,7 +164,7 @@ def _version_and_alias(first: str, second: str) -> tuple[int, str]:
     from registry.errors import ConfigError
 
     for version, alias in ((first, second), (second, first)):
-        if version.isdigit() and not alias.isdigit():
+        if re.fullmatch(r"[0-9]+", version) and not re.fullmatch(r"[0-9]+", alias):  # isdigit() takes "²"
             if int(version) < 1:
                 break
             return int(version), alias

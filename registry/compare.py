@@ -12,6 +12,7 @@ columns of that table as a picture. :func:`gate_refusal` says why an alias may n
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,8 @@ def scored_by(mv: ModelVersion) -> dict[str, tuple[BenchmarkScore, str]]:
     out = {name: (score, "training") for name, score in (metrics.benchmarks_after or {}).items()}
     for evaluation in mv.evaluations:  # oldest first
         out.update({name: (score, f"medft eval {evaluation.evaluated_at or '?'}")
-                    for name, score in (evaluation.benchmarks or {}).items()})
+                    for name, score in (evaluation.benchmarks or {}).items()
+                    if score.accuracy is not None})  # an entry without one replaces nothing
     return out
 
 
@@ -226,22 +228,26 @@ def required_benchmarks(items: Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _rescore(ref: str, name: str, like: BenchmarkScore | None) -> str:
+def _rescore(ref: str, name: str, like: BenchmarkScore | None, registry_uri: str) -> str:
     """The ``medft eval`` command that scores ``ref`` on ``name`` the way ``like`` was scored (its question
-    subset, token limit and local file, where it records them) and records the score."""
+    subset, token limit and file, where it records them) and records the score in ``registry_uri``. A hub
+    source has no ``medft eval`` option beyond the benchmark's own dataset, so the source is named after it."""
     flags = [f"--benchmarks {name}"]
     if like is not None:
         if like.limit is not None:
             flags.append(f"--limit {like.limit} --seed {like.seed or 0}")
         if like.max_new_tokens is not None:
             flags.append(f"--max-new-tokens {like.max_new_tokens}")
-        if like.source and "://" not in like.source:
-            flags.append(f"--data {name}={like.source}")
-    return f"`medft eval {ref} {' '.join(flags)} --record`"
+        if like.source and not like.source.startswith("hf://"):
+            flags.append("--data " + shlex.quote(f"{name}={like.source.removeprefix('file://')}"))
+    command = f"`medft eval {ref} {' '.join(flags)} --record --registry {shlex.quote(registry_uri)}`"
+    if like is not None and like.source and like.source.startswith("hf://"):
+        command += f" (its questions came from {like.source}" + (f" at {like.revision}" if like.revision else "") + ")"
+    return command
 
 
 def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
-                 alias: str) -> str | None:
+                 alias: str, registry_uri: str) -> str | None:
     """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may; the reason says
     how to score what is missing.
 
@@ -260,14 +266,14 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
         if score is None or not isinstance(score.accuracy, (int, float)):
             has = ", ".join(sorted(mine)) or "none"
             return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with "
-                    f"{_rescore(candidate.ref, name, other)}")
+                    f"{_rescore(candidate.ref, name, other, registry_uri)}")
         if current is None or other is None:
             continue
         differs = _scored_differently(score, other)
         if differs:
             return (f"{candidate.ref} and {current.ref} (@{alias} now) were scored on {name} with different "
                     f"{differs}, so their accuracies cannot be compared; score {candidate.ref} as {current.ref} was "
-                    f"with {_rescore(candidate.ref, name, other)}")
+                    f"with {_rescore(candidate.ref, name, other, registry_uri)}")
         if score.accuracy < other.accuracy:
             return (f"{candidate.ref} scores {format_score(score.model_dump(mode='json'))} on {name}, lower than "
                     f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}")

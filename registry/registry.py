@@ -334,14 +334,14 @@ class Registry:
         if version < 1 or not self.store.exists(self._version_key(name, version)):
             raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}")
         require = required_benchmarks(require)
-        candidate = self._read(name, version, {}) if require else None
 
         def change(aliases: dict[str, int]) -> tuple[dict[str, int], dict[str, Any] | None]:
             override = None
-            if candidate is not None:
+            if require:  # both records read again on every attempt: an evaluation may have been appended
+                candidate = self._read(name, version, {})
                 previous = aliases.get(alias)
                 current = self._read(name, previous, {}) if previous is not None and previous != version else None
-                refusal = gate_refusal(candidate, current, require, alias)
+                refusal = gate_refusal(candidate, current, require, alias, self.uri)
                 if refusal is not None and not force:
                     raise ConfigError(f"refused to move {name}@{alias}: {refusal}; or pass --force to move it "
                                       "anyway; nothing changed")

@@ -32,6 +32,7 @@ _SURROGATE_START = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _LOW_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 _HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+_SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def mib(n: int) -> str:
@@ -58,6 +59,12 @@ def _surrogate_check(data: bytes, final: bool) -> tuple[str, int] | None:
     the row check refuses. Refusing them in the bytes holds a JSON list to the same rule as JSONL.
     """
     pos = 0
+    if b"\\\\" not in data:  # no escaped backslash, so every \u starts an escape: count them in C
+        starts = len(_SURROGATE_START.findall(data))
+        if starts and starts == 2 * len(_SURROGATE_PAIR.findall(data)):
+            # Every one is half of a whole pair (emoji as json.dump writes them): only the last bytes are left
+            # to look at, for an escape the end of the bytes cuts off.
+            pos = max(0, len(data) - 5)
     while found := _SURROGATE_START.search(data, pos):  # a C-speed search: most text has none
         at = pos = found.start()
         if _escaped(data, at):
@@ -105,6 +112,7 @@ class _CheckedBytes:
         self.eof = False
         self.stop: str | None = None
         self.stop_offset = 0
+        self.cut_reached = False  # the parser was handed everything before the cut: ``stop`` is why it ended
 
     def _checked(self, size: int) -> bytes:
         chunk = self._f.read(size)
@@ -141,6 +149,7 @@ class _CheckedBytes:
         if self.row_start is not None and self.offset + len(data) - self.row_start > self._limits.row_bytes:
             # The row began at or before row_start, so it is already over the cap: stop reading it.
             data, self.stop, self.stop_offset = b"", "row_size", self.offset
+        self.cut_reached = self.cut_reached or (not data and self.stop is not None)
         self.chunk_start = self.offset
         self.offset += len(data)
         return data
@@ -152,6 +161,7 @@ class _CheckedBytes:
             if stripped:
                 return stripped[:4].decode("utf-8", errors="ignore")[:1] or chr(stripped[0])
             if self.stop is not None or self.eof:
+                self.cut_reached = self.stop is not None
                 return None
             self._held += self._checked(self._limits.chunk_bytes)
 
@@ -217,15 +227,16 @@ class _ListParse:
     def error(self, path: Path, exc: ijson.JSONError) -> DataError:
         """The parser's failure (or a cut made by :class:`_CheckedBytes`) as one line naming the row."""
         source = self.source
-        if source.stop == "binary":
+        stop = source.stop if source.cut_reached else None  # else the parser failed on something before the cut
+        if stop == "binary":
             return self._fail(f"NUL bytes near byte offset {source.stop_offset}: a binary or compressed file, or "
                               "text not in UTF-8 (UTF-16?); give a UTF-8 JSON list")
-        if source.stop == "utf-8":
+        if stop == "utf-8":
             return self._fail(f"not valid UTF-8 (byte offset {source.stop_offset}); re-save the file as UTF-8")
-        if source.stop == "surrogate":
+        if stop == "surrogate":
             return self._fail(f"an unpaired surrogate (a broken \\ud800-style escape) near byte offset "
                               f"{source.stop_offset}; fix the text")
-        if source.stop == "row_size":
+        if stop == "row_size":
             return self._too_big()
         if source.eof and self.depth >= 2:
             return self._fail("the file ends inside this row (truncated file?)")

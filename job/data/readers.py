@@ -214,9 +214,9 @@ _READERS: dict[str, Callable[[Path, str, list[str]], Iterator[Record]]] = {
 def file_records(path: Path, display: str, wanted: list[str]) -> Iterator[Record]:
     """Records of a local file, format chosen by suffix; NotFoundError / DataError for unusable files."""
     kind = _SUFFIXES.get(path.suffix.lower())
-    if path.is_dir():
-        raise ConfigError(f"data.source: {display}: a folder; give one .json (a list), .jsonl, .parquet or .csv "
-                          "file")
+    if kind is None and path.is_dir():
+        raise DataError(f"data.source: {display}: is a directory; give one .json (a list), .jsonl, .parquet or "
+                        ".csv file")
     if kind is None:
         raise ConfigError(f"data.source: {display}: unsupported file type {path.suffix or '(none)'!r}; use "
                           ".json (a list), .jsonl, .parquet or .csv")

@@ -83,7 +83,7 @@ def _hub_records(spec: BenchmarkSpec, display: str, cache_dir: str | None) -> tu
 def _file_records(path: Path, display: str, spec: BenchmarkSpec) -> Iterator[dict[str, Any]]:
     suffix = path.suffix.lower()
     if path.is_dir():
-        raise ConfigError(f"{display}: a folder; give the {spec.name} rows as one .jsonl or .parquet file")
+        raise DataError(f"{display}: is a directory; give the {spec.name} rows as one .jsonl or .parquet file")
     if suffix not in _FILE_SUFFIXES:
         raise ConfigError(f"{display}: unsupported file type {path.suffix or '(none)'!r}; give the {spec.name} "
                           "rows as .jsonl or .parquet in the dataset's own schema")

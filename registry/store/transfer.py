@@ -120,9 +120,9 @@ def os_errors(path: Path | str, doing: str) -> Iterator[None]:
         if e.errno == errno.EIO:
             raise TransientError(f"I/O error while {doing} {path}: {e.strerror}") from e
         if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
-            # Something else stands where the store keeps a file (a folder, a file as a folder, a link loop).
-            raise DataError(f"{e.strerror} while {doing} {e.filename or path}: the store holds something "
-                            "unexpected there; move it away and retry") from e
+            # Something else stands where a file or folder is needed (a folder, a file, a link loop, a name too long).
+            raise DataError(f"{e.strerror} while {doing} {e.filename or path}: something else stands there, or "
+                            "the path cannot be used; move it away or pick another path and retry") from e
         raise
 
 

@@ -66,7 +66,7 @@ def test_eval_scores_a_base_model_as_a_table_and_as_json(tiny_model_dir: Path, t
     (["--data", "medqa=/nonexistent/medqa.jsonl"], 4, "/nonexistent/medqa.jsonl: no such file"),
     (["--data", "medqa=a.jsonl", "--data", "MedQA=b.jsonl"], 2, "--data 'MedQA=b.jsonl': medqa is given twice"),
     (["--template", "chatml-ish"], 2, "--template 'chatml-ish': unknown template; use one of"),
-    (["--data", "medqa=/"], 2, "a folder; give the medqa rows as one .jsonl or .parquet file"),
+    (["--data", "medqa=/"], 3, "is a directory; give the medqa rows as one .jsonl or .parquet file"),
     (["--limit", "0"], 2, "--limit"),
 ])
 def test_eval_bad_input_is_one_line_and_its_exit_code(tiny_model_dir: Path, eval_env: None, args: list[str],

@@ -76,6 +76,8 @@ def test_register_list_show_resolve_alias_download(local_store: str, publish_sam
     assert run_main(["registry", "alias", "med", "2", "prod", "--delete"], capsys)[0] == 0
     code, _, err = run_main(["registry", "alias", "med", "prod", "latest"], capsys)  # latest as the VERSION
     assert code == 2 and "'latest' is not an alias to set: NAME@latest always means the highest version" in err
+    code, _, err = run_main(["registry", "alias", "med", "\u00b2", "prod"], capsys)  # a digit to str.isdigit only
+    assert code == 2 and "give a version number (1, 2, ...) and an alias name" in err
     code, _, err = run_main(["registry", "resolve", "med@prod"], capsys)
     assert code == 4 and "'med@prod'" in err
 

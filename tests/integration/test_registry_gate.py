@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,8 @@ def test_recorded_evaluations_rescore_versions_for_the_gate_and_compare(
     record["metrics"]["benchmarks_after"]["medqa"]["max_new_tokens"] = 256
     reg.register("m", publish_sample_run(store_uri, run_id="run-3", record=record))
     # Each refusal gives the command that scores the candidate as @production's version was scored.
-    rescore = "--benchmarks medqa --limit 200 --seed 0 --max-new-tokens 1024 --record`; or pass --force"
+    rescore = re.escape(f"--benchmarks medqa --limit 200 --seed 0 --max-new-tokens 1024 --record --registry "
+                        f"{reg.uri}` (its questions came from hf://GBaker/MedQA-USMLE-4-options); or pass --force")
     with pytest.raises(ConfigError, match=f"m:2 has no medqa score .*; score it with `medft eval m:2 {rescore}"):
         reg.set_alias("m", 2, "production", require=["medqa"])
     with pytest.raises(ConfigError, match=f"different max_new_tokens, .*; score m:3 as m:1 was with `medft eval m:3 "
@@ -298,3 +300,13 @@ def test_compare_draws_the_scores(tmp_path: Path, publish_sample_run: Callable[.
         assert code == 2 and message in error_lines(err)[0] and out == "", args
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("scores", "none", "no", "."))) == [
         "scores.png", "scores.svg"]
+
+
+def test_the_rescore_suggestion_is_a_command_a_shell_takes() -> None:
+    """A local benchmark file (a path or a file:// URI, spaces and all) becomes one quoted --data argument."""
+    from registry.compare import _rescore
+
+    score = BenchmarkScore(source="file:///data/my medqa.jsonl", limit=50, seed=3, max_new_tokens=256)
+    assert _rescore("m:2", "medqa", score, "s3://bucket/registry") == (
+        "`medft eval m:2 --benchmarks medqa --limit 50 --seed 3 --max-new-tokens 256 "
+        "--data 'medqa=/data/my medqa.jsonl' --record --registry s3://bucket/registry`")

@@ -447,7 +447,7 @@ def test_a_hub_dataset_without_the_columns_names_them(monkeypatch: pytest.Monkey
         load_rows(config_for("hf://x/y"))
 
 
-def test_a_folder_as_the_data_source_says_so(tmp_path: Path) -> None:
-    folder = tmp_path / "rows.jsonl"
+def test_a_folder_without_a_suffix_as_the_data_source_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "rows"
     folder.mkdir()
-    rejects(folder, ConfigError, "a folder; give one .json (a list), .jsonl, .parquet or .csv file")
+    rejects(folder, DataError, "is a directory; give one .json (a list), .jsonl, .parquet or .csv file")

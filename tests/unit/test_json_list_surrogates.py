@@ -77,3 +77,24 @@ def test_a_jsonl_line_with_an_unpaired_half_is_still_depth_checked(tmp_path: Pat
                        + b'", "Response": "a"}\n')
     with pytest.raises(DataError, match="row 1: field 'Question' holds an unpaired surrogate"):
         load_rows(config_for(flat))
+
+
+def test_many_pairs_and_escapes_cut_at_every_read_size_read_as_json_loads_reads_them() -> None:
+    """A list whose text is mostly surrogate pairs (the fast path) and other escapes, split every way."""
+    text = "".join(["\U0001f600 a\n", "\u4e2d\u6587", "\\", "\U0001f9e0\U0001f4a1", "\"q\""] * 3)
+    rows = [{"Question": text, "Complex_CoT": "r", "Response": "\U0001f600"}] * 2
+    data = json.dumps(rows).encode()  # ensure_ascii: every emoji as a \ud83d\ude00-style pair
+    assert data.count(b"\\ud83d") >= 6
+    for chunk_bytes in [*range(1, 40), 64 * 1024]:
+        assert _read(data, chunk_bytes) == rows, chunk_bytes
+    broken = data.replace(b"\\ude00", b"\\u0041", 1)  # one high half left without its low half
+    for chunk_bytes in [*range(1, 40), 64 * 1024]:
+        with pytest.raises(DataError, match="row 1: an unpaired surrogate"):
+            _read(broken, chunk_bytes)
+
+
+def test_a_syntax_error_before_a_later_cut_is_named_as_what_it_is() -> None:
+    """The bytes are cut at row 3's unpaired surrogate, but the parser fails on row 1 first: that is the error."""
+    data = b'[{"Question": "a",, "x": 1}, {"Question": "b"}, {"Question": "\\ud800 and more"}]'
+    with pytest.raises(DataError, match=r"^d.json: row 1: invalid JSON"):
+        _read(data, 64 * 1024)
