@@ -65,20 +65,27 @@ def registry_group() -> None:
 @click.option("--name", default=None, help="Only this model's versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json: bool) -> None:
-    """List registered model versions."""
+    """List registered model versions.
+
+    A corrupt record does not hide the others: they are listed, then the first corrupt one is named (exit 3).
+    """
+    from registry.errors import DataError
+
     _, reg = _open(store_uri, registry_uri)
-    versions = reg.list(name)
+    versions, corrupt = reg.scan(name)
     if as_json:
         _echo_json([mv.to_dict() for mv in versions])
-        return
-    if not versions:
+    elif not versions:
         click.echo(f"no model versions in {reg.uri}" + (f" named {name}" if name else ""))
-        return
-    rows = [[mv.name, str(mv.version), ",".join(mv.aliases) or "-", mv.created_at, mv.run_id, _base(mv),
-             _metric(mv, "eval_loss_after", "eval_loss", "train_loss"), ",".join(sorted(mv.artifacts))]
-            for mv in versions]
-    click.echo(text_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
-                                 "ARTIFACTS"]))
+    else:
+        rows = [[mv.name, str(mv.version), ",".join(mv.aliases) or "-", mv.created_at, mv.run_id, _base(mv),
+                 _metric(mv, "eval_loss_after", "eval_loss", "train_loss"), ",".join(sorted(mv.artifacts))]
+                for mv in versions]
+        click.echo(text_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
+                                     "ARTIFACTS"]))
+    if corrupt:
+        more = f" (and {len(corrupt) - 1} more corrupt record(s))" if len(corrupt) > 1 else ""
+        raise DataError(f"{corrupt[0].message}{more}")
 
 
 def _show_text(mv: ModelVersion) -> str:

@@ -148,6 +148,8 @@ class Registry:
             return {}, [], None
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
             aliases = doc["aliases"]
             if not isinstance(aliases, dict) or not all(isinstance(v, int) for v in aliases.values()):
                 raise ValueError("'aliases' must map alias -> integer version")
@@ -155,7 +157,8 @@ class Registry:
             if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
                 raise ValueError("'gate_overrides' must be a list of objects")
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{self.store.url(key)} is corrupt ({e}); fix or delete it") from None
+            raise DataError(f"{self.store.url(key)} is corrupt ({e}); fix it by hand (deleting it drops every alias "
+                            f"of {name} and its record of forced moves)") from None
         return dict(aliases), list(overrides), etag
 
     def gate_overrides(self, name: str) -> list[dict[str, Any]]:
@@ -210,15 +213,39 @@ class Registry:
                                 f"{self.uri}") from None
 
     def list(self, name: str | None = None) -> list[ModelVersion]:
+        """Every version (of ``name``, or of every model), in order; DataError for the first corrupt record."""
+        versions, corrupt = self.scan(name)
+        if corrupt:
+            raise corrupt[0]
+        return versions
+
+    def scan(self, name: str | None = None) -> tuple[list[ModelVersion], list[DataError]]:
+        """Every readable version (of ``name``, or of every model), in order, and the DataError of each record
+        that is corrupt (a model whose aliases.json is corrupt counts once, its versions left out): one bad
+        record does not hide the rest of a shared registry."""
         names = [check_name(name)] if name is not None else self.names()
         jobs: list[tuple[str, int, dict[str, int]]] = []
+        corrupt: list[DataError] = []
         for n in names:
-            aliases, _ = self._aliases(n)
+            try:
+                aliases, _ = self._aliases(n)
+            except DataError as e:
+                corrupt.append(e)
+                continue
             jobs += [(n, v, aliases) for v in self._versions(n)]
         if not jobs:
-            return []
+            return [], corrupt
+
+        def read(job: tuple[str, int, dict[str, int]]) -> ModelVersion | DataError:
+            try:
+                return self._read(*job)
+            except DataError as e:
+                return e
+
         with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as ex:
-            return list(ex.map(lambda j: self._read(*j), jobs))
+            results = list(ex.map(read, jobs))
+        return ([r for r in results if isinstance(r, ModelVersion)],
+                corrupt + [r for r in results if isinstance(r, DataError)])
 
     def find_by_run(self, name: str, run_id: str) -> ModelVersion | None:
         """The first version of ``name`` registered from ``run_id``, if any (lets a job register once)."""

@@ -179,3 +179,24 @@ def test_503s_are_retried_by_the_cli(s3_serial_server: Any, s3_serial_bucket: st
     s3_serial_server.faults.add(status=503, code="SlowDown", times=None)
     p = medft("registry", "list", "--store", s3_serial_bucket, env={"MEDFT_S3_MAX_ATTEMPTS": "2"})
     assert p.returncode == 75 and "gave up after 2 attempts" in p.stderr
+
+
+def test_list_shows_every_readable_version_then_names_the_corrupt_record(
+        local_store: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    """One hand-broken record in a shared registry: the others are still listed, and the broken one is named
+    (exit 3) rather than hiding every model."""
+    run_uri = publish_sample_run(local_store, "run-1")
+    for name in ("alpha", "beta", "gamma"):
+        assert run_main(["registry", "register", name, run_uri], capsys)[0] == 0
+    broken = Path(local_store) / "registry/models/beta/versions/1.json"
+    broken.write_text("{not json")
+    (Path(local_store) / "registry/models/gamma/aliases.json").write_text("[]")
+    code, out, err = run_main(["registry", "list"], capsys)
+    assert code == 3
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["alpha"]
+    [line] = cli.error_lines(err)  # the first corrupt record, and how many more
+    assert line.endswith("(and 1 more corrupt record(s))")
+    assert (str(broken) in line and "is not valid JSON" in line) or "gamma/aliases.json is corrupt (not a JSON " \
+        "object); fix it by hand (deleting it drops every alias of gamma and its record of forced moves)" in line
+    code, out, err = run_main(["registry", "list", "--json"], capsys)
+    assert code == 3 and [r["name"] for r in json.loads(out)] == ["alpha"]
