@@ -34,8 +34,7 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _open(store_uri: str, registry_uri: str | None) -> tuple[Store, Registry]:
     store = open_store(store_uri or DEFAULT_STORE)
-    reg = Registry.open(registry_uri) if registry_uri else Registry(store.child("registry"))
-    return store, reg
+    return store, Registry.at(store, registry_uri)
 
 
 def _echo_json(obj: Any) -> None:

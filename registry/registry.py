@@ -96,10 +96,14 @@ class Registry:
         return cls(open_store(uri))
 
     @classmethod
-    def at(cls, store: str | None, registry: str | None) -> Registry:
-        """The registry at the URI ``registry``, else under ``<store>/registry`` (``store`` defaults to
-        ``./medft-store``): what ``--store`` and ``--registry`` name on every command."""
-        return cls.open(registry) if registry else cls(open_store(store or DEFAULT_STORE).child("registry"))
+    def at(cls, store: str | Store | None, registry: str | None) -> Registry:
+        """The registry at the URI ``registry``, else under ``<store>/registry`` (``store`` a URI, defaulting
+        to ``./medft-store``, or a store already open): what ``--store`` and ``--registry`` name on every
+        command."""
+        if registry:
+            return cls.open(registry)
+        opened = open_store(store or DEFAULT_STORE) if store is None or isinstance(store, str) else store
+        return cls(opened.child("registry"))
 
     @property
     def uri(self) -> str:
