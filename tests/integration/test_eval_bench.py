@@ -1,5 +1,5 @@
-"""``benchmarks/eval.py`` (the GPU benchmark of ``medft eval``'s engine) runs its ``--dry`` smoke mode on CPU:
-the tiny Llama architecture, both arms, forced length, one JSON line."""
+"""``benchmarks/eval.py`` (the GPU benchmark of ``medft eval``'s engines) runs its ``--dry`` smoke mode on CPU:
+the tiny Llama architecture, both arms on both workloads, forced lengths, one JSON line per arm and a summary."""
 
 from __future__ import annotations
 
@@ -12,26 +12,28 @@ from pathlib import Path
 from tests.integration.conftest import ROOT
 
 
-def test_eval_benchmark_dry_run_prints_one_json_line(tmp_path: Path) -> None:
+def test_eval_benchmark_dry_run_measures_both_arms_on_both_workloads(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDFT_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.eval", "--dry", "--work", str(tmp_path / "work")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "eval.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.eval", "--dry", "--work", str(tmp_path / "work"),
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [line] = proc.stdout.splitlines()
-    result = json.loads(line)
-    assert result["model"] == "tiny-llama" and result["questions"] == 6 and result["max_new_tokens"] == 16
-    assert result["forced"] is True and result["generated_tokens"] == 6 * 16  # every answer ran to the limit
-    assert result["plain_questions_timed"] == 2
-    # The one-at-a-time time is extrapolated from 2 questions to 6, and the speedup is the ratio of the two arms.
-    # The printed figures are rounded (the measured time and the batched time to 0.01 s, the extrapolation to
-    # 0.1 s, the ratios to 0.01 and 0.1), so each check takes the interval the unrounded values lie in.
-    measured, plain, batched = (result[k] for k in ("plain_wall_s_measured", "plain_wall_s_for_all", "batched_wall_s"))
-    assert abs(plain - 3 * measured) <= 0.05 + 3 * 0.005 + 1e-9
-    plain_low, plain_high = max(plain - 0.05, 3 * (measured - 0.005)), min(plain + 0.05, 3 * (measured + 0.005))
-    batched_low, batched_high = batched - 0.005, batched + 0.005
-    assert batched_low > 0
-    assert plain_low / batched_high - 0.005 <= result["speedup"] <= plain_high / batched_low + 0.005
-    assert 96 / batched_high - 0.05 <= result["batched_tokens_per_s"] <= 96 / batched_low + 0.05
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == lines  # --out keeps the same lines
+    *arms, summary = lines
+    assert [(a["workload"], a["arm"]) for a in arms] == [("forced", "continuous"), ("forced", "static"),
+                                                          ("mixed", "continuous"), ("mixed", "static")]
+    assert all(a["model"] == "tiny-llama" and a["questions"] == 6 and a["forced"] is True for a in arms)
+    forced = [a for a in arms if a["workload"] == "forced"]
+    assert all(a["generated_tokens"] == 6 * 16 for a in forced)  # every answer ran to the limit
+    mixed = [a for a in arms if a["workload"] == "mixed"]
+    assert mixed[0]["generated_tokens"] == mixed[1]["generated_tokens"] < 6 * 20  # the same drawn lengths
+    assert forced[1]["in_flight"] == 4 and "static" in forced[1]["plan"]
+    # The summary divides the arms' rounded wall times; allow for the rounding (0.005 s each, 0.005 on the ratio).
+    for workload, (cont, static) in (("forced", forced), ("mixed", mixed)):
+        low = (static["wall_s"] - 0.005) / (cont["wall_s"] + 0.005) - 0.005
+        high = (static["wall_s"] + 0.005) / (cont["wall_s"] - 0.005) + 0.005
+        assert low <= summary[workload] <= high
 
 
 def test_eval_benchmark_imports_on_cpu() -> None:
