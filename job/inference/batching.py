@@ -118,6 +118,7 @@ def plan_engine(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, m
     device = _device(model)
     if device.type != "cuda":
         return EnginePlan("continuous", want, length, f"{want} slots: min(upper bound {upper}, {len(prompts)} prompts)")
+    torch.cuda.empty_cache()  # blocks an earlier generation or stage left cached count as free
     free, _ = torch.cuda.mem_get_info(device)
     per_slot = _slot_bytes(inner.config, inner.model.embed_tokens.weight.element_size(), length)
     logits = 8 * inner.config.vocab_size * 4  # float32 logits, probabilities and sort buffers per slot
