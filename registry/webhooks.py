@@ -16,6 +16,7 @@ URL (redacted, see :func:`redact`) is returned for the registry to record in the
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from registry.errors import ConfigError, DataError, NotFoundError
 from registry.logs import get_logger
@@ -170,7 +171,14 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _post_once(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str | None]:
-    """(HTTP status, error) of one POST; status None when no answer came."""
+    """(HTTP status, error) of one POST; status None when no answer came. A user and password in the URL go
+    as HTTP basic authentication (urllib would take them for part of the host)."""
+    parts = urlsplit(url)
+    if parts.username is not None:
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        headers = {**headers, "Authorization": f"Basic {token}"}
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with _OPENER.open(request, timeout=timeout) as response:
@@ -226,7 +234,7 @@ def deliver(urls: list[str], events: list[dict[str, Any]]) -> list[list[dict[str
         url, body, headers, ev = job
         outcome = deliver_one(url, body, headers, timeout=timeout, deadline=deadline)
         (log.info if outcome["ok"] else log.warning)("webhook.delivered" if outcome["ok"] else "webhook.failed",
-                                                     event=ev.get("type"), id=ev.get("id"), **outcome)
+                                                     event_type=ev.get("type"), event_id=ev.get("id"), **outcome)
         return outcome
 
     with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as ex:
