@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from registry import webhooks
+from registry import base_scores, webhooks
 from registry.changes import CAS_ATTEMPTS, ModelChanges, jitter
 from registry.errors import ConflictError, DataError, NotFoundError
 from registry.logs import get_logger
@@ -161,6 +161,8 @@ class Registry(ModelChanges):
     # reads -----------------------------------------------------------------------------------------
     def get(self, ref: str) -> ModelVersion:
         name, version, alias = parse_ref(ref)
+        if alias == base_scores.ALIAS:
+            return base_scores.base_version(self.store, name)
         state = self.state(name)
         aliases = state.aliases
         if alias is not None and alias != "latest":
@@ -308,6 +310,11 @@ class Registry(ModelChanges):
             self._append(name, version, "alias_refusals", refusal)
         self._announce(name, entries, hooks)
         return self.get(f"{name}:{version}")
+
+    def record_base_evaluation(self, name: str, uri: str, revision: str | None,
+                               evaluation: EvaluationRecord) -> ModelVersion:
+        """Record a base model's scores as ``NAME@base``; see :mod:`registry.base_scores`."""
+        return base_scores.record_base_evaluation(self.store, name, uri, revision, evaluation)
 
     def record_push(self, name: str, version: int, push: HubPush) -> ModelVersion:
         """Append ``push`` to the ``pushes`` of ``name:version``; see :meth:`_append`."""

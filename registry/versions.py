@@ -50,7 +50,8 @@ class ModelVersion:
 
     @property
     def ref(self) -> str:
-        return f"{self.name}:{self.version}"
+        """``NAME:VERSION``; ``NAME@base`` for a base model's recorded scores (version 0, registry/base_scores.py)."""
+        return f"{self.name}@base" if self.version == 0 else f"{self.name}:{self.version}"
 
     def run_record(self) -> RunRecord:
         """The run's record as registered: lineage, metrics, config and environment, typed.
