@@ -82,8 +82,8 @@ class ModelChanges:
         raise ConflictError(f"could not update aliases of {name}: {CAS_ATTEMPTS} concurrent updates won; retry")
 
     def _change(self, name: str, change: Callable[[ModelState], list[dict[str, Any]] | None]) -> list[HistoryEntry]:
-        """:meth:`_cas_state`, then the promotion events of its entries (:func:`registry.promotion.announce`);
-        the webhook list is read first, so a bad one refuses the change before it is made."""
+        """:meth:`_cas_state`, then the promotion events of its entries (:meth:`_announce`); the webhook list is
+        read first, so a bad one refuses the change before it is made."""
         hooks = webhooks.targets(self.store)
         _, entries = self._cas_state(name, change)
         self._announce(name, entries, hooks)
@@ -98,7 +98,9 @@ class ModelChanges:
                             webhooks.deliver(hooks, [event(self, name, e) for e in entries]), strict=True))
 
         def change(state: ModelState) -> list[dict[str, Any]]:
-            for raw in state.history:  # an entry moved to a page meanwhile keeps no outcome (logged above)
+            # An entry moved to a page in the seconds since (HISTORY_KEPT changes later) keeps no outcome; the
+            # outcomes were logged by webhooks.deliver all the same.
+            for raw in state.history:
                 if isinstance(raw, dict) and raw.get("seq") in outcomes:
                     raw["deliveries"] = outcomes[raw["seq"]]
             return []
