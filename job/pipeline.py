@@ -151,4 +151,5 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                f"Registered {version.name}:{version.version}. Look it up with:\n"
                f"  medft registry show {version.name}:{version.version} --store {cfg.output.store}")
     for refusal in version.alias_refusals:  # a protected alias the gate kept where it was
-        click.echo(f"@{refusal['alias']} stays at version {refusal['stays_at']}: {refusal['refusal']}")
+        where = "unset" if refusal["stays_at"] is None else f"at version {refusal['stays_at']}"
+        click.echo(f"@{refusal['alias']} stays {where}: {refusal['refusal']}")

@@ -174,7 +174,8 @@ def register_cmd(name: str, run_uri: str, aliases: tuple[str, ...], tags: tuple[
         click.echo(f"registered {mv.name}:{mv.version}" + (f" ({', '.join('@' + a for a in mv.aliases)})"
                                                            if mv.aliases else "") + f" from {mv.run_uri}")
     for refusal in mv.alias_refusals:  # the registration stands; the protected alias stays where it was
-        click.echo(f"{name}@{refusal['alias']} stays at {refusal['stays_at']}: {refusal['refusal']}", err=True)
+        where = "unset" if refusal["stays_at"] is None else f"at version {refusal['stays_at']}"
+        click.echo(f"{name}@{refusal['alias']} stays {where}: {refusal['refusal']}", err=True)
 
 
 def _version_and_alias(first: str, second: str) -> tuple[int, str]:

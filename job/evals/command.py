@@ -89,7 +89,8 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
     """``medft eval``: score REF (a registry ref or run folder) or, with ``base``, a base model (any
     ``model.base`` URI, asked with ``template``, default ``r1-medical``) on ``benchmarks``; returns the scores
     by benchmark. With ``record``, REF must be a registry ref: the scores are appended to that version's
-    ``evaluations``, and the output says so.
+    ``evaluations``, and the output says so. With ``record_as`` (``base`` only), the base's scores are recorded
+    as ``NAME@base`` (:meth:`registry.registry.Registry.record_base_evaluation`).
 
     Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, ``template`` or
     ``base_revision`` with REF, an unknown benchmark or template, a bad or repeated ``--data`` item,
