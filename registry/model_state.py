@@ -67,7 +67,8 @@ class HistoryEntry:
     """Webhook outcomes, filled in after the change (see :mod:`registry.webhooks`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Fields that are set; ``before`` and ``after`` always (null: no version)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("before", "after")}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> HistoryEntry:
