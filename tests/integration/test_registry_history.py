@@ -213,3 +213,31 @@ def test_history_protection_and_delete_on_s3(s3_bucket: str, publish_sample_run:
     assert code == 0 and json.loads(out)["version"] == 2
     with pytest.raises(NotFoundError):
         reg.get("m:1")
+
+
+def test_the_jobs_registration_keeps_a_protected_alias_and_carries_tags_and_description(
+        store_uri: str, publish_sample_run: Callable[..., str], tmp_path: Path) -> None:
+    """``job.publish.register`` (what ``medft train`` runs after publishing) with ``output.aliases``,
+    ``output.tags`` and ``output.description``: the second demo run must not take a protected @demo."""
+    from job import publish
+    from job.config import load_config
+    from job.lifecycle import Run
+    from registry.store import open_store
+
+    reg, _ = _model(store_uri, publish_sample_run, [0.60])
+    reg.set_alias("m", 1, "demo")
+    reg.protect("m", "demo", ["medqa"])
+    publish_sample_run(store_uri, run_id="run-2", record=_record(0.40, lr=2e-4))
+    config = tmp_path / "job.yaml"
+    config.write_text(f"output:\n  store: {store_uri}\n  model_name: m\n  aliases: [demo, nightly]\n"
+                      "  tags: {team: cardio}\n  description: second demo run\n")
+    store = open_store(store_uri)
+    run = Run(cfg=load_config(str(config), []), run_id="run-2", store=store, run_store=store.child("runs/run-2"),
+              work_dir=tmp_path)
+    mv = publish.register(run)
+    assert mv.version == 2 and mv.aliases == ("nightly",) and reg.get("m@demo").version == 1
+    assert mv.tags == {"team": "cardio"} and mv.description == "second demo run"
+    assert [r["alias"] for r in mv.alias_refusals] == ["demo"]
+    refused = reg.history("m", "demo")[0]
+    assert (refused.action, refused.via, refused.reason) == ("refused", "job run-2", "output.aliases of run run-2")
+    assert publish.register(run).version == 2  # a rerun registers nothing new
