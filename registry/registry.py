@@ -2,12 +2,19 @@
 
 Layout under the registry URI (by default ``<store>/registry``)::
 
-    models/<name>/versions/<n>.json    one immutable record per version, created with put_if_absent
-    models/<name>/aliases.json         {"aliases": {alias: version}}, moved with compare-and-swap
+    models/<name>/versions/<n>.json    one record per version, created with put_if_absent
+    models/<name>/aliases.json         the model's state: aliases, protected aliases, archived and deleted
+                                       versions, history (registry/model_state.py), moved with compare-and-swap
+    models/<name>/history/<n>.json     older history entries (create-only pages)
+    models/<name>/base.json            NAME@base: a base model's recorded scores (registry/base_scores.py)
+    config.json                        the registry's webhook URLs (registry/webhooks.py)
 
-A version record never changes after it is created, except two lists appended to with compare-and-swap:
+A version record never changes after it is created, except by compare-and-swap of: two appended lists,
 ``pushes`` (where the version was shared on the Hugging Face Hub, :meth:`Registry.record_push`) and
-``evaluations`` (benchmark scores taken after registration, :meth:`Registry.record_evaluation`).
+``evaluations`` (benchmark scores taken after registration, :meth:`Registry.record_evaluation`), plus
+``alias_refusals`` (protected aliases the gate kept from it at registration), and its ``tags`` and
+``description`` (:meth:`Registry.set_metadata`). Alias moves, protection, archive and delete are in
+:class:`registry.changes.ModelChanges`.
 The record's type, :class:`~registry.versions.ModelVersion`, lives in :mod:`registry.versions`.
 
 Concurrent registrations of one name each try ``max + 1`` create-only and, on losing, the next number, so
