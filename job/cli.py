@@ -138,10 +138,13 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--record", is_flag=True,
               help="Append the scores to REF's registry version, where `registry compare` and the alias gate "
                    "read them (REF must be NAME, NAME:VERSION or NAME@ALIAS).")
+@click.option("--record-as", "record_as", default=None, metavar="NAME",
+              help="With --base: record the base's scores as NAME@base, for `registry compare NAME@base NAME:N`.")
 @store_options
 def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, template: str | None, benchmarks: str,
              limit: int | None, seed: int, max_new_tokens: int, batch_size: int, data_files: tuple[str, ...],
-             artifact: str, as_json: bool, record: bool, store_uri: str, registry_uri: str | None) -> None:
+             artifact: str, as_json: bool, record: bool, record_as: str | None, store_uri: str,
+             registry_uri: str | None) -> None:
     """Score a model on medical benchmarks: accuracy with a 95% interval, greedy, generative.
 
     \b
@@ -155,7 +158,7 @@ def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, templ
     eval_command(ref, base=base, base_revision=base_revision, template=template, benchmarks=benchmarks,
                  limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  data_files=data_files, artifact=artifact, store=store_uri, registry=registry_uri, as_json=as_json,
-                 record=record)
+                 record=record, record_as=record_as)
 
 
 @cli.group()

@@ -306,6 +306,10 @@ class OutputConfig(_Section):
     model_name: str = "r1-medical"
     aliases: tuple[str, ...] = ()
     run_id: str | None = None
+    tags: dict[str, str] = {}
+    """Tags of the registered version (``registry show``; ``registry tag`` changes them later)."""
+    description: str | None = None
+    """Free text stored with the registered version (``registry describe`` replaces it)."""
 
     @field_validator("store", "registry")
     @classmethod
@@ -338,6 +342,14 @@ class OutputConfig(_Section):
             return check_name(v)
         except ConfigError as e:
             raise ValueError(e.message) from None
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_shape(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key.strip() or len(key) > 128 or len(value) > 1000:
+                raise ValueError(f"output.tags: key {key[:40]!r} must be 1-128 characters and its value at most 1000")
+        return v
 
     @field_validator("aliases")
     @classmethod

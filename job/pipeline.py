@@ -150,3 +150,6 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                f"eval loss {_rounded(before['eval_loss'])} -> {_rounded(after['eval_loss'])}\n"
                f"Registered {version.name}:{version.version}. Look it up with:\n"
                f"  medft registry show {version.name}:{version.version} --store {cfg.output.store}")
+    for refusal in version.alias_refusals:  # a protected alias the gate kept where it was
+        where = "unset" if refusal["stays_at"] is None else f"at version {refusal['stays_at']}"
+        click.echo(f"@{refusal['alias']} stays {where}: {refusal['refusal']}")

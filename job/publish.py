@@ -67,8 +67,12 @@ def publish(run: Run, outputs: dict[str, Path], record: RunRecord, lease: Lease)
 
 
 def register(run: Run, lease: Lease | None = None) -> ModelVersion:
-    """Register the published run under ``output.model_name`` once, with ``output.aliases``.
+    """Register the published run under ``output.model_name`` once, with ``output.tags``,
+    ``output.description`` and ``output.aliases``.
 
+    A protected alias (``medft registry protect``) the version fails the gate for stays where it was: the
+    registration stands, and the refusal is logged (``register.alias_refused``), recorded in the model's
+    history and in the version's ``alias_refusals``, and printed by the pipeline's summary.
     With ``lease``, only while it is still held (LeaseLost otherwise).
     """
     registry = Registry.open(run.cfg.registry_uri)
@@ -79,6 +83,10 @@ def register(run: Run, lease: Lease | None = None) -> ModelVersion:
         return existing
     if lease is not None:
         lease.confirm("before registering")
-    mv = registry.register(name, run.uri, aliases=run.cfg.output.aliases)
-    log.info("register.done", name=name, version=mv.version, aliases=list(run.cfg.output.aliases))
+    output = run.cfg.output
+    mv = registry.register(name, run.uri, aliases=output.aliases, tags=dict(output.tags),
+                           description=output.description, via=f"job {run.run_id}",
+                           reason=f"output.aliases of run {run.run_id}")
+    log.info("register.done", name=name, version=mv.version, aliases=list(mv.aliases),
+             refused=[r["alias"] for r in mv.alias_refusals])
     return mv

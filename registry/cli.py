@@ -62,9 +62,10 @@ def registry_group() -> None:
 @registry_group.command("list")
 @store_options
 @click.option("--name", default=None, help="Only this model's versions.")
+@click.option("--all", "show_all", is_flag=True, help="Archived versions too.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json: bool) -> None:
-    """List registered model versions.
+def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, show_all: bool, as_json: bool) -> None:
+    """List registered model versions (archived ones only with --all).
 
     A corrupt record does not hide the others: they are listed, then the first corrupt one is named (exit 3).
     """
@@ -72,6 +73,7 @@ def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json
 
     _, reg = _open(store_uri, registry_uri)
     versions, corrupt = reg.scan(name)
+    versions = [mv for mv in versions if show_all or not mv.archived]
     if as_json:
         _echo_json([mv.to_dict() for mv in versions])
     elif not versions:
@@ -88,12 +90,15 @@ def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json
 
 
 def _show_text(mv: ModelVersion) -> str:
-    lines = [f"{mv.name}:{mv.version}" + (f"  ({', '.join('@' + a for a in mv.aliases)})" if mv.aliases else ""),
+    lines = [f"{mv.name}:{mv.version}" + (f"  ({', '.join('@' + a for a in mv.aliases)})" if mv.aliases else "")
+             + ("  [archived]" if mv.archived else ""),
              f"  created      {mv.created_at}", f"  run          {mv.run_id}", f"  run uri      {mv.run_uri}"]
     if mv.description:
         lines.append(f"  description  {mv.description}")
     for art, spec in sorted(mv.artifacts.items()):
         lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
+    for r in mv.alias_refusals:
+        lines.append(f"  not @{r.get('alias')}  the gate refused it at registration: {r.get('refusal')}")
     for p in mv.pushes:
         lines.append(f"  pushed       hf://{p.repo}@{p.revision}  commit {p.commit}  ({p.artifact}, {p.pushed_at})")
     for e in mv.evaluations:
@@ -112,9 +117,13 @@ def _show_text(mv: ModelVersion) -> str:
 @click.argument("ref")
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
-def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+@click.option("--at", "at", default=None, metavar="TIME",
+              help="With NAME@ALIAS: the version the alias pointed at then (ISO 8601; UTC without a zone).")
+def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool, at: str | None) -> None:
     """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS."""
     _, reg = _open(store_uri, registry_uri)
+    if at is not None:
+        ref = _version_at(reg, ref, at)
     mv = reg.get(ref)
     click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json else _show_text(mv))
 
@@ -163,6 +172,9 @@ def register_cmd(name: str, run_uri: str, aliases: tuple[str, ...], tags: tuple[
     else:
         click.echo(f"registered {mv.name}:{mv.version}" + (f" ({', '.join('@' + a for a in mv.aliases)})"
                                                            if mv.aliases else "") + f" from {mv.run_uri}")
+    for refusal in mv.alias_refusals:  # the registration stands; the protected alias stays where it was
+        where = "unset" if refusal["stays_at"] is None else f"at version {refusal['stays_at']}"
+        click.echo(f"{name}@{refusal['alias']} stays {where}: {refusal['refusal']}", err=True)
 
 
 def _version_and_alias(first: str, second: str) -> tuple[int, str]:
@@ -189,40 +201,53 @@ def _version_and_alias(first: str, second: str) -> tuple[int, str]:
               help="Move only if VERSION has a score on BENCHMARK (medqa, medmcqa, pubmedqa; from training or "
                    "`medft eval --record`) no lower than the version the alias points at now, scored the same way "
                    "(repeatable, or comma-separated).")
-@click.option("--force", is_flag=True, help="Move past a --require refusal; the override is recorded in "
-              "the model's aliases.json (gate_overrides).")
+@click.option("--force", is_flag=True, help="Move past a gate refusal (--require or the alias's protection); "
+              "needs --reason. The override is recorded in the history and in aliases.json (gate_overrides).")
+@click.option("--reason", default=None, metavar="TEXT", help="Why; recorded in the history (needed with --force).")
 @store_options
 def alias_cmd(name: str, version_or_alias: str, alias_or_version: str, delete: bool, require: tuple[str, ...],
-              force: bool, store_uri: str, registry_uri: str | None) -> None:
+              force: bool, reason: str | None, store_uri: str, registry_uri: str | None) -> None:
     """Point NAME@ALIAS at VERSION, or remove it with --delete. VERSION and ALIAS may come in either order.
 
     \b
-    With --require medqa the move is refused (exit 2, nothing changed) when VERSION has no medqa score or
-    scores lower than the version ALIAS points at now; the check and the move are one compare-and-swap.
+    With --require medqa, or when ALIAS is protected (`registry protect`), the move is refused (exit 2,
+    nothing changed) when VERSION has no score on a required benchmark or scores lower than the version
+    ALIAS points at now; the check, the move and its history entry are one compare-and-swap.
     """
     from registry.compare import required_benchmarks
     from registry.errors import ConfigError
 
     version, alias = _version_and_alias(version_or_alias, alias_or_version)
     names = required_benchmarks(require)
-    if force and not names:
-        raise ConfigError("--force overrides a --require refusal; give --require BENCHMARK too")
+    if force and not (reason or "").strip():
+        raise ConfigError("--force needs --reason TEXT: a move forced past the gate is recorded with why")
     _, reg = _open(store_uri, registry_uri)
     if delete:
-        if names:
-            raise ConfigError("--require gates a move; it does not apply to --delete")
-        current = reg.get(f"{name}@{alias}")
-        if current.version != version:
-            raise ConfigError(f"{name}@{alias} points at version {current.version}, not {version}; nothing deleted")
-        reg.delete_alias(name, alias)
-        click.echo(f"deleted {name}@{alias} (was version {version})")
+        if names or force:
+            raise ConfigError("--require and --force gate a move; they do not apply to --delete")
+        was = reg.delete_alias(name, alias, version=version, reason=reason)
+        click.echo(f"deleted {name}@{alias} (was version {was})")
         return
     before = len(reg.gate_overrides(name)) if force else 0
-    reg.set_alias(name, version, alias, require=names, force=force)
+    reg.set_alias(name, version, alias, require=names, force=force, reason=reason)
     overrides = reg.gate_overrides(name) if force else []
     forced = [o for o in overrides[before:] if o.get("alias") == alias and o.get("version") == version]
     click.echo(f"{name}@{alias} -> {name}:{version}" + (
-        f" (forced past: {forced[-1]['refusal']}; recorded in aliases.json gate_overrides)" if forced else ""))
+        f" (forced past: {forced[-1]['refusal']}; recorded in the history)" if forced else ""))
+
+
+def _version_at(reg: Registry, ref: str, at: str) -> str:
+    """``show --at``: the ref of the version ``ref`` (NAME@ALIAS) pointed at, at ``at``; says so on stderr."""
+    from registry.errors import ConfigError
+    from registry.registry import parse_ref
+
+    name, _, alias = parse_ref(ref)
+    if alias is None or alias == "latest":
+        raise ConfigError(f"--at needs REF as NAME@ALIAS (the alias whose history answers it), got {ref!r}")
+    version, entry = reg.holder_at(name, alias, at)
+    click.echo(f"{name}@{alias} at {at}: {name}:{version} (since {entry.at}, {entry.action} by {entry.by or '?'})",
+               err=True)
+    return f"{name}:{version}"
 
 
 @registry_group.command("compare")
@@ -288,3 +313,8 @@ def push_cmd(ref: str, target: str, artifact: str, create: bool, private: bool, 
     else:
         click.echo(f"pushed {mv.ref} ({artifact}) to hf://{record.repo}@{record.revision}: commit {record.commit} "
                    f"{record.url}")
+
+
+# The commands that change a model after registration, and list runs, live in their own module; importing it
+# adds them to registry_group.
+from registry import cli_changes  # noqa: E402,F401

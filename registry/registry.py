@@ -2,12 +2,19 @@
 
 Layout under the registry URI (by default ``<store>/registry``)::
 
-    models/<name>/versions/<n>.json    one immutable record per version, created with put_if_absent
-    models/<name>/aliases.json         {"aliases": {alias: version}}, moved with compare-and-swap
+    models/<name>/versions/<n>.json    one record per version, created with put_if_absent
+    models/<name>/aliases.json         the model's state: aliases, protected aliases, archived and deleted
+                                       versions, history (registry/model_state.py), moved with compare-and-swap
+    models/<name>/history/<n>.json     older history entries (create-only pages)
+    models/<name>/base.json            NAME@base: a base model's recorded scores (registry/base_scores.py)
+    config.json                        the registry's webhook URLs (registry/webhooks.py)
 
-A version record never changes after it is created, except two lists appended to with compare-and-swap:
+A version record never changes after it is created, except by compare-and-swap of: two appended lists,
 ``pushes`` (where the version was shared on the Hugging Face Hub, :meth:`Registry.record_push`) and
-``evaluations`` (benchmark scores taken after registration, :meth:`Registry.record_evaluation`).
+``evaluations`` (benchmark scores taken after registration, :meth:`Registry.record_evaluation`), plus
+``alias_refusals`` (protected aliases the gate kept from it at registration), and its ``tags`` and
+``description`` (:meth:`Registry.set_metadata`). Alias moves, protection, archive and delete are in
+:class:`registry.changes.ModelChanges`.
 The record's type, :class:`~registry.versions.ModelVersion`, lives in :mod:`registry.versions`.
 
 Concurrent registrations of one name each try ``max + 1`` create-only and, on losing, the next number, so
@@ -22,41 +29,29 @@ model, the dataset, the resolved config, metrics and the environment.
 from __future__ import annotations
 
 import json
-import random
 import re
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
-from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, NAME_RE
+from registry import base_scores, webhooks
+from registry.changes import CAS_ATTEMPTS, ModelChanges, jitter
+from registry.errors import ConflictError, DataError, NotFoundError
+from registry.logs import get_logger
+from registry.model_state import ModelState, current_user  # noqa: F401 - re-exported (job.evals)
+from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, check_alias, check_name
+from registry.promotion import gated_move
 from registry.records import EvaluationRecord, dump
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
-from registry.versions import FORMAT, HubPush, ModelVersion
+from registry.versions import HubPush, ModelVersion
 
+log = get_logger(__name__)
 _REF_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{NAME}))?$")
 _VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json$")
-_CAS_ATTEMPTS = 200
 _REGISTER_ATTEMPTS = 10_000
-
-
-def check_name(name: str, what: str = "model name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise ConfigError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
-                          f"with a letter or digit")
-    return name
-
-
-def check_alias(alias: str) -> str:
-    check_name(alias, "alias")
-    if alias == "latest" or alias.isdigit() or re.fullmatch(r"v[0-9]+", alias):
-        raise ConfigError(f"alias {alias!r} is reserved ('latest' is always the highest version; aliases "
-                          f"must not look like version numbers)")
-    return alias
 
 
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
@@ -70,22 +65,7 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     return m["name"], int(m["version"]) if m["version"] else None, m["alias"]
 
 
-def current_user() -> str | None:
-    """Who is running this (who forced an alias move, who recorded an evaluation), as the operating system
-    names them (best effort)."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return None
-
-
-def _jitter(attempt: int) -> None:
-    time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(attempt, 10))))
-
-
-class Registry:
+class Registry(ModelChanges):
     """Model versions and aliases in a store; see the module docstring for the layout."""
 
     def __init__(self, store: Store) -> None:
@@ -138,36 +118,24 @@ class Registry:
         return sorted(names)
 
     def _aliases(self, name: str) -> tuple[dict[str, int], str | None]:
-        aliases, _, etag = self._alias_doc(name)
-        return aliases, etag
+        state = self.state(name)
+        return state.aliases, state.etag
 
-    def _alias_doc(self, name: str) -> tuple[dict[str, int], list[dict[str, Any]], str | None]:
-        """(aliases, gate overrides recorded so far, etag) of ``aliases.json``; empty and None when absent."""
+    def state(self, name: str) -> ModelState:
+        """The model's ``aliases.json`` (:mod:`registry.model_state`); empty with etag None when absent,
+        DataError (exit 3) naming it when it is corrupt."""
         key = self._aliases_key(name)
         try:
             data, etag = self.store.get_bytes(key)
         except BucketNotFound:
             raise
         except NotFoundError:
-            return {}, [], None
-        try:
-            doc = json.loads(data)
-            if not isinstance(doc, dict):
-                raise ValueError("not a JSON object")
-            aliases = doc["aliases"]
-            if not isinstance(aliases, dict) or not all(isinstance(v, int) for v in aliases.values()):
-                raise ValueError("'aliases' must map alias -> integer version")
-            overrides = doc.get("gate_overrides") or []
-            if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
-                raise ValueError("'gate_overrides' must be a list of objects")
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{self.store.url(key)} is corrupt ({e}); fix it by hand (deleting it drops every alias "
-                            f"of {name} and its record of forced moves)") from None
-        return dict(aliases), list(overrides), etag
+            return ModelState(name=name, where=self.store.url(key))
+        return ModelState.parse(name, data, etag, self.store.url(key))
 
     def gate_overrides(self, name: str) -> list[dict[str, Any]]:
         """Every alias move forced past the benchmark gate (``--force``), oldest first."""
-        return self._alias_doc(check_name(name))[1]
+        return self.state(check_name(name)).gate_overrides
 
     def _read_doc(self, name: str, version: int) -> tuple[dict[str, Any], str | None, str]:
         """The version record as stored: (its JSON, its etag, its URL). NotFoundError when there is none,
@@ -185,11 +153,14 @@ class Registry:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{where} is not valid JSON ({e}); the registry record is corrupt") from None
 
-    def _read(self, name: str, version: int, aliases: dict[str, int] | None = None) -> ModelVersion:
+    def _read(self, name: str, version: int, state: ModelState | None = None) -> ModelVersion:
         doc, _, where = self._read_doc(name, version)
-        if aliases is None:
-            aliases, _ = self._aliases(name)
-        mv = ModelVersion.from_dict(doc, source=where, aliases=[a for a, v in aliases.items() if v == version])
+        if state is None:
+            state = self.state(name)
+        if version in state.deleted:
+            raise NotFoundError(f"model version {name}:{version} was deleted from registry {self.uri}")
+        mv = ModelVersion.from_dict(doc, source=where, aliases=[a for a, v in state.aliases.items() if v == version],
+                                    archived=version in state.archived)
         if mv.name != name or mv.version != version:
             raise DataError(f"{where} says it is {mv.name}:{mv.version}; the registry record is misplaced")
         return mv
@@ -197,19 +168,22 @@ class Registry:
     # reads -----------------------------------------------------------------------------------------
     def get(self, ref: str) -> ModelVersion:
         name, version, alias = parse_ref(ref)
-        aliases, _ = self._aliases(name)
+        if alias == base_scores.ALIAS:
+            return base_scores.base_version(self.store, name)
+        state = self.state(name)
+        aliases = state.aliases
         if alias is not None and alias != "latest":
             if alias not in aliases:
                 raise NotFoundError(f"model ref {ref!r} not found: {name} has no alias {alias!r} in registry "
                                     f"{self.uri}" + (f" (aliases: {', '.join(sorted(aliases))})" if aliases else ""))
             version = aliases[alias]
         if version is None:
-            versions = self._versions(name)
+            versions = [v for v in self._versions(name) if v not in state.deleted]
             if not versions:
                 raise NotFoundError(f"model ref {ref!r} not found: no model named {name!r} in registry {self.uri}")
             version = versions[-1]
         try:
-            return self._read(name, version, aliases)
+            return self._read(name, version, state)
         except NotFoundError as e:
             if isinstance(e, BucketNotFound):
                 raise
@@ -228,19 +202,19 @@ class Registry:
         that is corrupt (a model whose aliases.json is corrupt counts once, its versions left out): one bad
         record does not hide the rest of a shared registry."""
         names = [check_name(name)] if name is not None else self.names()
-        jobs: list[tuple[str, int, dict[str, int]]] = []
+        jobs: list[tuple[str, int, ModelState]] = []
         corrupt: list[DataError] = []
         for n in names:
             try:
-                aliases, _ = self._aliases(n)
+                state = self.state(n)
             except DataError as e:
                 corrupt.append(e)
                 continue
-            jobs += [(n, v, aliases) for v in self._versions(n)]
+            jobs += [(n, v, state) for v in self._versions(n) if v not in state.deleted]
         if not jobs:
             return [], corrupt
 
-        def read(job: tuple[str, int, dict[str, int]]) -> ModelVersion | DataError:
+        def read(job: tuple[str, int, ModelState]) -> ModelVersion | DataError:
             try:
                 return self._read(*job)
             except DataError as e:
@@ -284,15 +258,21 @@ class Registry:
 
     # writes ----------------------------------------------------------------------------------------
     def register(self, name: str, run_uri: str, *, aliases: Iterable[str] = (), tags: dict[str, str] | None = None,
-                 description: str | None = None, store: Store | None = None) -> ModelVersion:
-        """Create the next version of ``name`` from a published run (its folder URI, or an id in ``store``).
+                 description: str | None = None, store: Store | None = None, via: str = "register",
+                 reason: str | None = None) -> ModelVersion:
+        """Create the next version of ``name`` from a published run (its folder URI, or an id in ``store``),
+        then, in one compare-and-swap of the model's state, record it in the history and point ``aliases`` at
+        it, each through the gate when the alias is protected (:meth:`protect`); then send the events.
 
+        A protected alias the version fails the gate for stays where it was: the refusal is recorded in the
+        history (``refused``) and in the version's ``alias_refusals``, and logged; the registration stands.
         Refuses a run without MANIFEST.json (NotFoundError, exit 4) or with a bad one (DataError, exit 3).
-        Never overwrites a version.
+        Never overwrites a version, nor reuses a deleted one's number.
         """
         check_name(name)
         aliases = [check_alias(a) for a in aliases]
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        hooks = webhooks.targets(self.store)
         manifest = read_manifest(store, run_uri)
         rs, _ = run_store(store, run_uri)
         verify_run(store, run_uri, manifest=manifest)
@@ -304,8 +284,8 @@ class Registry:
             "dataset": dump(record.dataset_lineage), "config": record.config, "metrics": dump(record.metrics),
             "environment": record.environment, "tags": tags, "description": description,
         }
-        versions = self._versions(name)
-        version = (versions[-1] if versions else 0) + 1
+        versions = self._versions(name)  # listed before the state is read: a deleted number is in one or the other
+        version = max([0, *versions, *self.state(name).deleted]) + 1
         for attempt in range(_REGISTER_ATTEMPTS):
             mv = ModelVersion.from_dict({**base, "version": version}, source="new record")
             data = (json.dumps(mv.to_dict(with_aliases=False), indent=2) + "\n").encode()
@@ -315,75 +295,33 @@ class Registry:
             except PreconditionFailed:
                 version += 1  # someone took it; every number below is taken too, so no gaps
                 if attempt % 8 == 7:
-                    _jitter(attempt // 8)
+                    jitter(attempt // 8)
         else:
             raise ConflictError(f"could not register {name}: {_REGISTER_ATTEMPTS} versions taken in a row; retry")
-        for alias in aliases:
-            self.set_alias(name, version, alias)
+        refusals: list[dict[str, Any]] = []
+
+        def change(state: ModelState) -> list[dict[str, Any]]:
+            refusals.clear()
+            entries: list[dict[str, Any]] = [{"action": "register", "after": version, "via": via, "reason": reason}]
+            for alias in aliases:
+                entry, refusal = gated_move(self, state, name, version, alias, (), force=False, reason=reason, via=via)
+                entries += [entry] if entry is not None else []
+                if refusal is not None and entry is not None:
+                    refusals.append({"alias": alias, "stays_at": entry["before"], "require": entry["gate"]["require"],
+                                     "refusal": refusal, "at": now_iso(), "via": via})
+            return entries
+
+        _, entries = self._cas_state(name, change)
+        for refusal in refusals:
+            log.warning("register.alias_refused", ref=f"{name}:{version}", **refusal)
+            self._append(name, version, "alias_refusals", refusal)
+        self._announce(name, entries, hooks)
         return self.get(f"{name}:{version}")
 
-    def _cas_aliases(self, name: str, change: Callable[[dict[str, int]], tuple[dict[str, int], dict[str, Any] | None]]
-                     ) -> dict[str, int]:
-        """Apply ``change`` to the current aliases and write the result with compare-and-swap, re-reading and
-        re-applying it when a concurrent update won. ``change`` returns the new aliases and, for a move forced
-        past the gate, the override to record beside them (in the same write)."""
-        key = self._aliases_key(name)
-        for attempt in range(_CAS_ATTEMPTS):
-            current, overrides, etag = self._alias_doc(name)
-            new, override = change(dict(current))
-            doc: dict[str, Any] = {"format": FORMAT, "name": name, "aliases": dict(sorted(new.items())),
-                                   "updated_at": now_iso()}
-            if overrides or override:
-                doc["gate_overrides"] = [*overrides, *([override] if override else [])]
-            data = (json.dumps(doc, indent=2) + "\n").encode()
-            try:
-                if etag is None:
-                    self.store.put_bytes(key, data, if_absent=True)
-                else:
-                    self.store.put_bytes(key, data, if_match=etag)
-                return new
-            except PreconditionFailed:
-                _jitter(attempt)  # a concurrent update won: re-read and apply ours on top of it
-        raise ConflictError(f"could not update aliases of {name}: {_CAS_ATTEMPTS} concurrent updates won; retry")
-
-    def set_alias(self, name: str, version: int, alias: str, *, require: Sequence[str] = (),
-                  force: bool = False) -> ModelVersion:
-        """Point ``name@alias`` at ``version`` (compare-and-swap, retried on a concurrent update).
-
-        ``require``: benchmark names gating the move (:func:`registry.compare.gate_refusal`; an empty or unknown
-        name is a ConfigError): refused with
-        ConfigError (exit 2, nothing written) when ``version`` has no score on one, or scores lower than the
-        version the alias points at when the swap is made (checked again on every CAS attempt, so a concurrent
-        move is gated too). ``force`` moves it anyway and records the override, with the refusal it overrode,
-        in ``aliases.json`` (``gate_overrides``) in the same write.
-        """
-        from registry.compare import gate_refusal, required_benchmarks
-
-        check_name(name)
-        check_alias(alias)
-        version = int(version)
-        if version < 1 or not self.store.exists(self._version_key(name, version)):
-            raise NotFoundError(f"model version {name}:{version} not found in registry {self.uri}")
-        require = required_benchmarks(require)
-
-        def change(aliases: dict[str, int]) -> tuple[dict[str, int], dict[str, Any] | None]:
-            override = None
-            if require:  # both records read again on every attempt: an evaluation may have been appended
-                candidate = self._read(name, version, {})
-                previous = aliases.get(alias)
-                current = self._read(name, previous, {}) if previous is not None and previous != version else None
-                refusal = gate_refusal(candidate, current, require, alias, self.uri)
-                if refusal is not None and not force:
-                    raise ConfigError(f"refused to move {name}@{alias}: {refusal}; or pass --force to move it "
-                                      "anyway; nothing changed")
-                if refusal is not None:
-                    override = {"alias": alias, "version": version, "previous": previous, "require": list(require),
-                                "refusal": refusal, "at": now_iso(), "by": current_user()}
-            aliases[alias] = version
-            return aliases, override
-
-        self._cas_aliases(name, change)
-        return self.get(f"{name}:{version}")
+    def record_base_evaluation(self, name: str, uri: str, revision: str | None,
+                               evaluation: EvaluationRecord) -> ModelVersion:
+        """Record a base model's scores as ``NAME@base``; see :mod:`registry.base_scores`."""
+        return base_scores.record_base_evaluation(self.store, name, uri, revision, evaluation)
 
     def record_push(self, name: str, version: int, push: HubPush) -> ModelVersion:
         """Append ``push`` to the ``pushes`` of ``name:version``; see :meth:`_append`."""
@@ -394,34 +332,47 @@ class Registry:
         return self._append(name, version, "evaluations", dump(evaluation))
 
     def _append(self, name: str, version: int, field: str, entry: dict[str, Any]) -> ModelVersion:
-        """Append ``entry`` to the list ``field`` of the record of ``name:version`` with compare-and-swap,
+        """Append ``entry`` to the list ``field`` of the record of ``name:version``; see :meth:`_edit`."""
+        def change(doc: dict[str, Any]) -> None:
+            doc[field] = [*(doc.get(field) or []), entry]
+
+        return self._edit(name, version, field, change)
+
+    def set_metadata(self, name: str, version: int, *, tags: dict[str, str] | None = None,
+                     remove_tags: Sequence[str] = (), description: str | None = None) -> ModelVersion:
+        """Set (or, with ``remove_tags``, drop) tags and replace the description of ``name:version``; see
+        :meth:`_edit`. NotFoundError for a tag to remove that it does not have."""
+        def change(doc: dict[str, Any]) -> None:
+            current = dict(doc.get("tags") or {})
+            for key in remove_tags:
+                if key not in current:
+                    raise NotFoundError(f"{name}:{version} has no tag {key!r} (tags: {', '.join(sorted(current)) or 'none'})")
+                del current[key]
+            current.update({str(k): str(v) for k, v in (tags or {}).items()})
+            doc["tags"] = current
+            if description is not None:
+                doc["description"] = description
+
+        return self._edit(name, version, "tags and description", change)
+
+    def _edit(self, name: str, version: int, what: str, change: Callable[[dict[str, Any]], None]) -> ModelVersion:
+        """Apply ``change`` to the record of ``name:version`` as stored and write it with compare-and-swap,
         re-read and retried on a concurrent update; every other field is written back as read. Returns the
         version as stored then. NotFoundError when the version is gone, DataError when its record is corrupt
-        (it is not extended), ConflictError after too many concurrent updates."""
+        (it is not changed), ConflictError after too many concurrent updates."""
         key = self._version_key(check_name(name), int(version))
-        for attempt in range(_CAS_ATTEMPTS):
+        for attempt in range(CAS_ATTEMPTS):
             doc, etag, where = self._read_doc(name, int(version))
             ModelVersion.from_dict(doc, source=where)
-            doc[field] = [*(doc.get(field) or []), entry]
+            change(doc)
+            ModelVersion.from_dict(doc, source=f"the new {what} of {name}:{version}")
             try:
                 self.store.put_bytes(key, (json.dumps(doc, indent=2) + "\n").encode(), if_match=etag)
                 return self.get(f"{name}:{version}")
             except PreconditionFailed:
-                _jitter(attempt)  # another update landed first: re-read and append ours after it
-        raise ConflictError(f"could not update {field} of {name}:{version}: {_CAS_ATTEMPTS} concurrent updates "
+                jitter(attempt)  # another update landed first: re-read and apply ours after it
+        raise ConflictError(f"could not update {what} of {name}:{version}: {CAS_ATTEMPTS} concurrent updates "
                             f"won; retry")
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        check_name(name)
-        check_name(alias, "alias")
-
-        def change(aliases: dict[str, int]) -> tuple[dict[str, int], None]:
-            if alias not in aliases:
-                raise NotFoundError(f"model ref '{name}@{alias}' not found: no such alias in registry {self.uri}")
-            del aliases[alias]
-            return aliases, None
-
-        self._cas_aliases(name, change)
 
 
 def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) -> dict[str, dict[str, Any]]:

@@ -42,10 +42,16 @@ class ModelVersion:
     """Where this version was shared on the Hub, oldest first (records older than pushes have none)."""
     evaluations: tuple[EvaluationRecord, ...] = ()
     """Benchmark scores recorded after registration (``medft eval REF --record``), oldest first."""
+    alias_refusals: tuple[dict[str, Any], ...] = ()
+    """Protected aliases this version was to take at registration and the gate refused (alias, stays_at,
+    require, refusal, at, via), oldest first."""
+    archived: bool = False
+    """Live view from aliases.json (``registry archive``); not stored in the version record."""
 
     @property
     def ref(self) -> str:
-        return f"{self.name}:{self.version}"
+        """``NAME:VERSION``; ``NAME@base`` for a base model's recorded scores (version 0, registry/base_scores.py)."""
+        return f"{self.name}@base" if self.version == 0 else f"{self.name}:{self.version}"
 
     def run_record(self) -> RunRecord:
         """The run's record as registered: lineage, metrics, config and environment, typed.
@@ -59,12 +65,14 @@ class ModelVersion:
         d["aliases"] = list(self.aliases)
         d["pushes"] = [asdict(p) for p in self.pushes]
         d["evaluations"] = [dump(e) for e in self.evaluations]
+        d["alias_refusals"] = list(self.alias_refusals)
         if not with_aliases:
-            del d["aliases"]
+            del d["aliases"], d["archived"]
         return {"format": FORMAT, **d}
 
     @classmethod
-    def from_dict(cls, d: Any, *, source: str = "record", aliases: Iterable[str] | None = None) -> ModelVersion:
+    def from_dict(cls, d: Any, *, source: str = "record", aliases: Iterable[str] | None = None,
+                  archived: bool = False) -> ModelVersion:
         if not isinstance(d, dict):
             raise DataError(f"{source} is not a JSON object; the registry record is corrupt")
         for name in _REQUIRED:
@@ -87,6 +95,9 @@ class ModelVersion:
         _run_record(d, source)  # the fields copied from the run's record have their types
         if not isinstance(d.get("pushes") or [], list):
             raise DataError(f"{source}: field 'pushes' must be a list")
+        refusals = d.get("alias_refusals") or []
+        if not isinstance(refusals, list) or not all(isinstance(r, dict) for r in refusals):
+            raise DataError(f"{source}: field 'alias_refusals' must be a list of objects")
         evaluations = d.get("evaluations") or []
         if not isinstance(evaluations, list):
             raise DataError(f"{source}: field 'evaluations' must be a list")
@@ -100,6 +111,7 @@ class ModelVersion:
             pushes=tuple(HubPush.from_dict(p, source) for p in d.get("pushes") or []),
             evaluations=tuple(parse_record(EvaluationRecord, e, f"{source}: evaluations[{i}]",
                                            "the registry record is corrupt") for i, e in enumerate(evaluations)),
+            alias_refusals=tuple(refusals), archived=archived,
         )
 
 

@@ -85,11 +85,12 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
                  batch_size: int = DEFAULT_BATCH_SIZE, data_files: Sequence[str] = (), artifact: str = "merged",
                  store: str | None = None, registry: str | None = None, as_json: bool = False,
                  record: bool = False, cache_dir: str | None = None,
-                 out: TextIO | None = None) -> dict[str, BenchmarkScore]:
+                 out: TextIO | None = None, record_as: str | None = None) -> dict[str, BenchmarkScore]:
     """``medft eval``: score REF (a registry ref or run folder) or, with ``base``, a base model (any
     ``model.base`` URI, asked with ``template``, default ``r1-medical``) on ``benchmarks``; returns the scores
     by benchmark. With ``record``, REF must be a registry ref: the scores are appended to that version's
-    ``evaluations``, and the output says so.
+    ``evaluations``, and the output says so. With ``record_as`` (``base`` only), the base's scores are recorded
+    as ``NAME@base`` (:meth:`registry.registry.Registry.record_base_evaluation`).
 
     Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, ``template`` or
     ``base_revision`` with REF, an unknown benchmark or template, a bad or repeated ``--data`` item,
@@ -102,6 +103,13 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
 
     out = out or sys.stdout
     _check_model_args(ref, base, template, base_revision, record)
+    if record_as is not None:  # the base's scores under a model name: NAME@base (registry/base_scores.py)
+        from registry.names import check_name
+
+        if base is None:
+            raise ConfigError("--record-as NAME records a base model's scores (with --base URI); a REF is recorded "
+                              "with --record")
+        check_name(record_as, "--record-as model name")
     names = parse_benchmarks(benchmarks)
     choices = parse_data_files(data_files)
     unused = sorted(set(choices) - set(names))
@@ -139,6 +147,15 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
         out.write(score_table(scores) + "\n")
         out.flush()
     try:
+        if record_as is not None and base is not None:
+            from registry.registry import Registry, current_user
+            from registry.runs import now_iso
+
+            Registry.at(store, registry).record_base_evaluation(record_as, base, base_revision, EvaluationRecord(
+                benchmarks=scores, artifact="base", evaluated_at=now_iso(), by=current_user()))
+            payload["recorded"] = {"ref": f"{record_as}@base"}
+            if not as_json:
+                out.write(f"recorded as {record_as}@base (compare it: medft registry compare {record_as}@base ...)\n")
         if record:
             payload["recorded"] = _record(label, scores, artifact, store, registry)
             if not as_json:

@@ -197,6 +197,7 @@ def test_list_shows_every_readable_version_then_names_the_corrupt_record(
     [line] = cli.error_lines(err)  # the first corrupt record, and how many more
     assert line.endswith("(and 1 more corrupt record(s))")
     assert (str(broken) in line and "is not valid JSON" in line) or "gamma/aliases.json is corrupt (not a JSON " \
-        "object); fix it by hand (deleting it drops every alias of gamma and its record of forced moves)" in line
+        "object); fix it by hand (deleting it drops every alias of gamma, its protected aliases, archive marks and " \
+        "change history)" in line
     code, out, err = run_main(["registry", "list", "--json"], capsys)
     assert code == 3 and [r["name"] for r in json.loads(out)] == ["alpha"]

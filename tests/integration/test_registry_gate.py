@@ -187,19 +187,20 @@ def test_force_moves_past_the_gate_and_records_the_override(
         store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
     reg = _versions(store_uri, publish_sample_run, [0.55, 0.50])
     code, out, _ = run_main(["registry", "alias", "m", "production", "2", "--require", "medqa", "--force",
-                             "--store", store_uri], capsys)
+                             "--reason", "hotfix", "--store", store_uri], capsys)
     assert code == 0 and out.startswith("m@production -> m:2 (forced past: m:2 scores 50.0%")
     assert "--force" not in out  # the refusal it records, not the hint to force it
     assert reg.get("m@production").version == 2
     [override] = reg.gate_overrides("m")
     assert {k: override[k] for k in ("alias", "version", "previous", "require")} == {
         "alias": "production", "version": 2, "previous": 1, "require": ["medqa"]}
-    assert "lower than m:1" in override["refusal"] and override["at"]
+    assert "lower than m:1" in override["refusal"] and override["at"] and override["reason"] == "hotfix"
     # Later moves keep the record.
     reg.set_alias("m", 1, "production")
     assert reg.gate_overrides("m") == [override]
-    code, _, err = run_main(["registry", "alias", "m", "production", "2", "--force", "--store", store_uri], capsys)
-    assert code == 2 and "--force overrides a --require refusal" in error_lines(err)[0]
+    code, _, err = run_main(["registry", "alias", "m", "production", "2", "--force", "--reason", "x", "--store",
+                             store_uri], capsys)
+    assert code == 2 and "--force overrides a gate refusal, and moving m@production has no gate" in error_lines(err)[0]
 
 
 @pytest.mark.parametrize(("require", "needle"), [
