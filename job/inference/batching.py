@@ -156,8 +156,13 @@ def generate_many(loaded: Loaded, prompts: Sequence[list[int]], sampling: Sampli
     plan = plan_engine(loaded.model, prompts, sampling.max_new_tokens, max_in_flight, engine)
     log.info("eval.engine", ref=loaded.label, engine=plan.engine, slots=plan.slots, reason=plan.reason)
     run = _continuous if plan.engine == "continuous" else _static
+    was_training = getattr(loaded.model, "training", False)
+    loaded.model.eval()  # the job scores the model it is training: no dropout while answering
     started = time.perf_counter()
-    out = run(loaded, list(prompts), sampling, list(seeds), plan, stops, progress, lengths)
+    try:
+        out = run(loaded, list(prompts), sampling, list(seeds), plan, stops, progress, lengths)
+    finally:
+        loaded.model.train(was_training)
     seconds = time.perf_counter() - started
     tokens = sum(len(c.ids) for c in out)
     log.info("eval.generated", ref=loaded.label, engine=plan.engine, prompts=len(prompts), tokens=tokens,

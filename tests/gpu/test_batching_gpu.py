@@ -61,3 +61,30 @@ def test_the_slot_model_computes_what_unsloth_loaded(tiny_weights: Path) -> None
     scale = theirs.abs().max()
     assert (mine - theirs).abs().max() <= 0.05 * scale, float((mine - theirs).abs().max() / scale)
     assert int(mine.argmax()) == int(theirs.argmax())
+
+
+def test_the_slot_model_computes_what_the_training_model_computes(tiny_weights: Path) -> None:
+    """``eval.benchmarks`` scores the model being trained: unsloth's training load with LoRA (its patched MLP
+    and attention modules). The slot cache's logits match that model's own forward in bf16, LoRA included."""
+    import torch
+
+    from job.backends import select_backend
+    from job.config import load_config
+    from job.inference.batching import _SlotModel
+
+    cfg = load_config(overrides=["model.backend=unsloth", f"model.base={tiny_weights}", "model.max_seq_length=1024"],
+                      env={})
+    backend = select_backend(cfg)
+    model, _ = backend.load(tiny_weights, cfg, backend.plan(cfg))
+    with torch.no_grad():  # a LoRA that is not zero, so the check sees the adapter's contribution
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    prompt = _prompts(1)[0]
+    model.eval()
+    with torch.inference_mode():
+        mine = _SlotModel(model, slots=1, length=256).prefill(0, prompt)[0]
+        theirs = model(input_ids=torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+    scale = theirs.abs().max()
+    assert (mine - theirs).abs().max() <= 0.05 * scale, float((mine - theirs).abs().max() / scale)
+    assert int(mine.argmax()) == int(theirs.argmax())
