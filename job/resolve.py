@@ -15,6 +15,7 @@ from job.config import JobConfig
 from job.lifecycle import Run, lease_seconds
 from job.paths import cache_root
 from registry.errors import ConfigError, DataError
+from registry.redact import redact_urls
 from registry.runs import run_prefix
 from registry.store import PreconditionFailed, Store, open_store
 
@@ -48,14 +49,15 @@ def record_config(run: Run, store: Store | None = None) -> None:
     Raises ConfigError naming the first differing key when the run was started with another config,
     DataError when the stored one is corrupt.
     """
-    text = run.cfg.to_yaml().encode()
+    # Stored without URL credentials; compared below the same way, so a resume still matches.
+    text = yaml.safe_dump(redact_urls(run.cfg.to_dict()), sort_keys=False, allow_unicode=True).encode()
     try:
         (store or run.run_store).put_bytes("config.yaml", text, if_absent=True)
         return
     except PreconditionFailed:
         pass
     stored = _stored_config(run)
-    current = run.cfg.to_dict()
+    current = redact_urls(run.cfg.to_dict())
     for section in TRAINING_SECTIONS:
         for key, value in current[section].items():
             if (section, key) in NOT_TRAINING:

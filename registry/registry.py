@@ -34,6 +34,7 @@ from typing import Any
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
 from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, NAME_RE
 from registry.records import EvaluationRecord, dump
+from registry.redact import redact_urls
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
 from registry.versions import FORMAT, HubPush, ModelVersion
@@ -304,6 +305,7 @@ class Registry:
             "dataset": dump(record.dataset_lineage), "config": record.config, "metrics": dump(record.metrics),
             "environment": record.environment, "tags": tags, "description": description,
         }
+        base = redact_urls(base)  # a hand-written manifest may quote URLs with credentials: never stored again
         versions = self._versions(name)
         version = (versions[-1] if versions else 0) + 1
         for attempt in range(_REGISTER_ATTEMPTS):
