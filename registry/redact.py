@@ -37,7 +37,7 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
 # userinfo: greedy up to the last "@" before the path, so a raw "@" inside a password goes too.
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]*@")
 # One query or fragment parameter: separator, name, "=", value up to the next separator.
-_PARAM = re.compile(r"([?&;#])([^=&;#\s]+)=([^&;#\s]*)")
+_PARAM = re.compile(r"([?&;#])([^=&;#\s'\"<>]+)=([^&;#\s'\"<>]*)")
 # A parameter is secret when one of these is a word of its name (split at "-", "_" and "."), in any case.
 _SECRET_WORDS = {"token", "sig", "signature", "key", "secret", "password", "passwd", "pwd", "pass", "credential",
                  "credentials", "auth", "authorization", "apikey", "accesskey", "accesskeyid", "awsaccesskeyid",
@@ -55,22 +55,33 @@ def _is_secret_param(name: str) -> bool:
         "x_amz_signature", "x_amz_credential", "x_amz_security_token") or is_secret_key(name)
 
 
+def _secret_params(text: str) -> str:
+    return _PARAM.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if _is_secret_param(m[2]) else m[0], text)
+
+
 def redact_url(url: str) -> str:
     """``url`` without its userinfo and with every secret-looking query/fragment parameter's value ``***``.
 
     Everything else is left byte for byte (no re-encoding), so the result still says where it points.
     Never raises; a string that is not a URL comes back unchanged but for secret parameters.
     """
-    url = _USERINFO.sub(rf"\g<1>{REDACTED}@", url)
-    return _PARAM.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if _is_secret_param(m[2]) else m[0], url)
+    return _secret_params(_USERINFO.sub(rf"\g<1>{REDACTED}@", url))
 
 
 def redact_text(text: str) -> str:
-    """Free text (an exception message, a log line, a model card) with every URL in it passed through
-    :func:`redact_url`. Never raises."""
-    if "://" not in text:
-        return text
-    return _URL.sub(lambda m: redact_url(m[0]), text)
+    """Free text (an exception message, a log line, a model card) with the userinfo of every URL in it cut
+    out, and the value of every secret-looking ``?name=``/``&name=`` parameter, also where a library quotes
+    only a URL's path and query (urllib3 does). Never raises."""
+    if "://" in text:
+        text = _URL.sub(lambda m: _USERINFO.sub(rf"\g<1>{REDACTED}@", m[0]), text)
+    return _secret_params(text) if "=" in text else text
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, nothing else: how to name a URL whose path itself is the secret (a
+    Slack or Discord webhook). A string that is no URL comes back through :func:`redact_text`."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*://)(?:[^/?#\s]*@)?([^/?#\s]*)", url)
+    return f"{m[1]}{m[2]}" if m else redact_text(url)
 
 
 def redact_urls(value: Any) -> Any:
