@@ -339,6 +339,26 @@ class S3Store(BaseStore):
         except NotFoundError as e:
             raise self._not_found(e, key) from None
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        full = self._full(key)
+        if length <= 0:
+            return b""
+
+        def fetch() -> bytes:
+            r = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{start + length - 1}")
+            return r["Body"].read()
+
+        try:
+            return self._call("reading", self.url(key), fetch)
+        except NotFoundError as e:
+            raise self._not_found(e, key) from None
+
+    def sha256(self, key: str) -> str:
+        try:
+            return self._read_sha256(self._full(key), self.url(key))
+        except NotFoundError as e:
+            raise self._not_found(e, key) from None
+
     def get_file(self, key: str, dest: Path, *, sha256: str | None = None, task: Task | None = None) -> ObjectInfo:
         info = self.stat(key)
         with self._reporting("download", key, info.size, task) as t:
