@@ -31,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from registry.artifact_checks import StoreFolder, check_artifact_folder
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
 from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, NAME_RE
 from registry.records import EvaluationRecord, dump
@@ -288,8 +289,9 @@ class Registry:
                  description: str | None = None, store: Store | None = None) -> ModelVersion:
         """Create the next version of ``name`` from a published run (its folder URI, or an id in ``store``).
 
-        Refuses a run without MANIFEST.json (NotFoundError, exit 4) or with a bad one (DataError, exit 3).
-        Never overwrites a version.
+        Refuses a run without MANIFEST.json (NotFoundError, exit 4) or with a bad one (DataError, exit 3), and
+        one whose adapter or merged artifact loading would refuse (:func:`check_loadable`: DataError naming the
+        file). Never overwrites a version.
         """
         check_name(name)
         aliases = [check_alias(a) for a in aliases]
@@ -298,6 +300,7 @@ class Registry:
         rs, _ = run_store(store, run_uri)
         verify_run(store, run_uri, manifest=manifest)
         artifacts = artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
+        check_loadable(rs, manifest, artifacts)
         record = manifest_record(manifest, rs.url(MANIFEST))
         base = {
             "name": name, "created_at": now_iso(), "run_id": manifest["run_id"], "run_uri": rs.uri,
@@ -446,3 +449,18 @@ def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) 
     if not out:
         raise DataError(f"{where} lists no artifact (adapter/ or merged/); nothing to register")
     return out
+
+
+def check_loadable(rs: Store, manifest: dict[str, Any], artifacts: dict[str, dict[str, Any]]) -> None:
+    """The checks ``generate``/``eval`` run before loading an artifact (:func:`check_artifact_folder`: no pickle,
+    no code, an index naming present safetensors, true headers), on the stored files the manifest lists.
+
+    Reads config files and safetensors headers only (ranged reads), never the weights. Raises DataError (exit 3)
+    naming the file. Other artifacts (none that medft loads) are not checked.
+    """
+    for art, spec in artifacts.items():
+        if art not in ARTIFACTS:
+            continue
+        folder = spec["uri"][len(rs.uri) + 1:]
+        sizes = {rel: manifest["files"][f"{folder}/{rel}"]["size"] for rel in spec["files"]}
+        check_artifact_folder(StoreFolder(rs.child(folder), sizes), f"{spec['uri']} ({art} artifact)", art)
