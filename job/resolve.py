@@ -17,7 +17,7 @@ from job.paths import cache_root
 from registry.errors import ConfigError, DataError
 from registry.redact import redact_urls
 from registry.runs import run_prefix
-from registry.store import PreconditionFailed, Store, open_store
+from registry.store import LocalStore, PreconditionFailed, Store, check_writable_dir, open_store
 
 #: Sections that define what is trained; a resumed run must keep them. Export and output may change.
 TRAINING_SECTIONS = ("model", "data", "lora", "train")
@@ -33,11 +33,14 @@ def new_run_id(cfg: JobConfig) -> str:
 def open_run(cfg: JobConfig) -> Run:
     """Fix the run id and open the store (no network call).
 
-    Raises ConfigError for a bad store URI or MEDFT_LEASE_SECONDS (checked here so --dry-run shows it too).
+    Raises ConfigError for a bad store URI or MEDFT_LEASE_SECONDS (checked here so --dry-run shows it too), or a
+    local store path that cannot hold files (AccessDeniedError where it may not be written).
     """
     lease_seconds()
     run_id = cfg.output.run_id or new_run_id(cfg)
     store = open_store(cfg.output.store)
+    if isinstance(store, LocalStore):  # the job writes there: a place that cannot hold files fails now, exit 2/5
+        check_writable_dir(store.root, "output.store")
     work_dir = cache_root() / "work" / run_id
     return Run(cfg=cfg, run_id=run_id, store=store, run_store=store.child(run_prefix(run_id)), work_dir=work_dir)
 

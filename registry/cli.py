@@ -21,7 +21,8 @@ from registry.compare import format_score, text_table
 from registry.names import ARTIFACTS, DEFAULT_STORE
 from registry.records import dump
 from registry.registry import Registry
-from registry.store import Store, open_store
+from registry.store import Store, check_writable_file, open_store
+from registry.store.transfer import os_errors
 from registry.versions import ModelVersion
 
 
@@ -242,10 +243,13 @@ def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None,
     if len(refs) < 2:
         raise ConfigError("compare needs two or more refs, e.g. medft registry compare NAME:6 NAME:7")
     dest = check_image_path(image) if image else None
+    if dest is not None:
+        check_writable_file(dest, "--image")
     _, reg = _open(store_uri, registry_uri)
     versions = [reg.get(ref) for ref in refs]
     if dest is not None:
-        draw_scores(versions, dest)
+        with os_errors(dest, "writing"):
+            draw_scores(versions, dest)
     click.echo(json.dumps(comparison(versions), indent=2, default=str) if as_json else comparison_text(versions))
     if dest is not None:
         click.echo(f"benchmark scores drawn to {dest}", err=True)

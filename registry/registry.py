@@ -37,7 +37,7 @@ from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, NAME_RE
 from registry.records import EvaluationRecord, dump
 from registry.redact import redact_urls
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
-from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
+from registry.store import BucketNotFound, PreconditionFailed, Store, check_writable_dir, open_store
 from registry.versions import FORMAT, HubPush, ModelVersion
 
 _REF_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<version>[0-9]+)|@(?P<alias>{NAME}))?$")
@@ -277,7 +277,7 @@ class Registry:
         a failed download leaves none of its files behind.
         """
         dest = Path(dest)
-        check_local_dir(dest, "download destination")
+        check_writable_dir(dest, "download destination")
         mv = self.get(ref)
         art = self._artifact(mv, artifact)
         src = open_store(art["uri"], transfer=self.store.transfer)
