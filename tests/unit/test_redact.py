@@ -104,3 +104,14 @@ def test_a_store_that_is_down_is_named_without_its_credentials(monkeypatch, caps
     monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", f"http://AKIA:{SECRET}@127.0.0.1:{port}")
     code, _, err = run_main(["registry", "list", "--store", "s3://bucket/medft"], capsys)
     assert code == 75 and len(error_lines(err)) == 1 and SECRET not in err, err
+
+
+def test_a_model_card_quotes_sources_without_their_credentials():
+    from job.config import load_config
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": f"https://u:{SECRET}@models.example/base?token={SECRET}"},
+               "dataset": {"source": f"https://data.example/rows.jsonl?X-Amz-Signature={SECRET}", "rows": 10,
+                           "content_sha256": "b" * 64}}
+    card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
+    assert SECRET not in card and "https://data.example/rows.jsonl?X-Amz-Signature=***" in card
