@@ -23,6 +23,7 @@ from job.weights import write_sharded
 from registry import progress
 from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
+from registry.redact import redact_text
 
 log = get_logger(__name__)
 
@@ -220,7 +221,7 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
                   "", "After:", "", "```", after["output"].strip(), "```", ""]
     lines += ["## License", "", "Apache-2.0 for this adapter and card; the base model's own license applies to "
               "the merged weights.", ""]
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))  # a card is public: no URL in it keeps its credentials
 
 
 def benchmark_section(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from registry.errors import AccessDeniedError, ConfigError, MedftError, NotFoundError, TransientError
 from registry.logs import get_logger
+from registry.redact import redact_text
 
 log = get_logger(__name__)
 
@@ -40,7 +41,7 @@ def hf_revision(name: str, revision: str | None) -> str | None:
         info = HfApi().dataset_info(name, revision=revision, token=hf_token(), timeout=10)
         return info.sha or revision
     except Exception as e:  # noqa: BLE001 - lineage detail only; the content hash identifies the data
-        log.warning("data.revision_unresolved", dataset=name, error=str(e)[:200])
+        log.warning("data.revision_unresolved", dataset=name, error=redact_text(str(e))[:200])
         return revision
 
 

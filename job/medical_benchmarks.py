@@ -57,6 +57,8 @@ from registry.errors import ConfigError, DataError
 
 #: Option letters in order; a question has at most this many options.
 LETTERS = "ABCDEFGHIJ"
+#: The fewest options a multiple-choice question may have; with one, any answer is right.
+MIN_OPTIONS = 2
 #: The closing instruction of every prompt; :mod:`job.evals.extract` looks first for this marker.
 ANSWER_INSTRUCTION = ('Answer with the letter of the one correct option. End your response with '
                       '"The answer is X", where X is that letter.')
@@ -202,15 +204,25 @@ def _options(spec: BenchmarkSpec, record: dict[str, Any], where: str) -> dict[st
     if len(cols) == 1:
         col = cols[0]
         raw = _value(spec, record, col, "options", where)
-        if not isinstance(raw, dict) or not raw:
+        example = "e.g. {\"A\": \"...\", \"B\": \"...\"}"
+        if not isinstance(raw, dict):
             raise DataError(f"{where}: column {col!r} holds a {type(raw).__name__}, expected a mapping of option "
-                            "letters to texts, e.g. {\"A\": \"...\", \"B\": \"...\"}")
+                            f"letters to texts, {example}")
+        if len(raw) > len(LETTERS):
+            raise DataError(f"{where}: column {col!r} has {len(raw)} options; a question may have at most "
+                            f"{len(LETTERS)} ({LETTERS[0]}-{LETTERS[-1]})")
+        if len(raw) < MIN_OPTIONS:
+            got = "no options (an empty mapping)" if not raw else f"only {len(raw)} option ({', '.join(map(str, raw))})"
+            raise DataError(f"{where}: column {col!r} holds {got}; a multiple-choice question needs at least "
+                            f"{MIN_OPTIONS}, {example}")
         letters = sorted(str(k) for k in raw)
         if letters != list(LETTERS[:len(letters)]):
-            raise DataError(f"{where}: column {col!r} has option keys {letters}, expected A, B, ... in order")
+            raise DataError(f"{where}: column {col!r} has option keys {letters}, expected the letters "
+                            f"{', '.join(LETTERS[:len(letters)])} (A up to at most {LETTERS[-1]}), each once")
         return {letter: _text(raw[letter], f"{col}.{letter}", where) for letter in letters}
-    if len(cols) > len(LETTERS):
-        raise ConfigError(f"benchmark {spec.name}: columns.options names {len(cols)} columns; at most {len(LETTERS)}")
+    if not MIN_OPTIONS <= len(cols) <= len(LETTERS):
+        raise ConfigError(f"benchmark {spec.name}: columns.options names {len(cols)} columns; a question needs "
+                          f"{MIN_OPTIONS} to {len(LETTERS)}")
     return {LETTERS[i]: _text(_value(spec, record, col, "options", where), col, where) for i, col in enumerate(cols)}
 
 
@@ -267,8 +279,10 @@ def to_question(spec: BenchmarkSpec, record: dict[str, Any], row: int, display: 
         qid = _derived_id(text, options)
     else:
         raw_id = _value(spec, record, cols.id, "id", where)
-        if raw_id is None or isinstance(raw_id, (bool, dict, list)) or not str(raw_id).strip():
-            raise DataError(f"{where}: column {cols.id!r} holds {raw_id!r}, expected an id (text or integer)")
+        if raw_id is None or isinstance(raw_id, (bool, float, dict, list)) or not str(raw_id).strip():
+            # A float id (NaN for a missing one, 12.0 from a column with gaps) would read as 'nan' or '12.0'.
+            raise DataError(f"{where}: column {cols.id!r} holds {raw_id!r}, expected an id (text or integer); fill "
+                            "in missing ids and store them as text or integers")
         qid = str(raw_id).strip()
     return Question(benchmark=spec.name, id=qid, question=text, options=options, gold=gold, row=row)
 

@@ -31,7 +31,7 @@ from typing import Literal
 from job.paths import cache_root
 from registry.errors import AccessDeniedError, ConfigError, NotFoundError, TransientError
 from registry.logs import get_logger
-from registry.uris import ms_repo_id, parse_uri
+from registry.uris import endpoint_url, ms_repo_id, parse_uri
 
 log = get_logger(__name__)
 
@@ -49,11 +49,13 @@ def cache_dir() -> Path:
 
 
 def _configured_endpoint() -> str | None:
-    """``MODELSCOPE_ENDPOINT`` (or the older ``MODELSCOPE_DOMAIN``) as set now, or None."""
+    """``MODELSCOPE_ENDPOINT`` (or the older ``MODELSCOPE_DOMAIN``) as set now, or None; ConfigError (exit 2)
+    naming the variable when it is not an http(s) URL or host name."""
     value = (os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "").strip()
-    if value and not value.lower().startswith(("http://", "https://")):
+    if value and "://" not in value:  # modelscope takes a bare host name as https
         value = f"https://{value}"
-    return value or None
+    var = "MODELSCOPE_ENDPOINT" if os.environ.get("MODELSCOPE_ENDPOINT") else "MODELSCOPE_DOMAIN"
+    return endpoint_url(var, value) if value else None
 
 
 def _endpoint() -> str:
@@ -77,6 +79,7 @@ def snapshot(uri: str, revision: str | None, *, repo_type: Literal["model", "dat
     at = f"{uri} (revision {revision or 'master'})"
     if offline():
         return _cached(repo, revision, repo_type, what, at, reason=f"{OFFLINE_ENV} is set")
+    endpoint = _configured_endpoint()  # a malformed one is exit 2 here, not a "hub unreachable" 75 below
     import requests
     from modelscope.hub.snapshot_download import snapshot_download
     from modelscope_hub.errors import (
@@ -93,7 +96,7 @@ def snapshot(uri: str, revision: str | None, *, repo_type: Literal["model", "dat
         return Path(snapshot_download(repo_id=repo, repo_type=repo_type, revision=revision,
                                       cache_dir=cache_dir(), allow_patterns=list(allow) if allow else None,
                                       ignore_patterns=list(ignore) if ignore else None,
-                                      endpoint=_configured_endpoint(),
+                                      endpoint=endpoint,
                                       token=os.environ.get("MODELSCOPE_API_TOKEN") or None))
     except (requests.HTTPError, HubError) as e:
         # modelscope re-raises 401/403/404 as requests.HTTPError from the hub's own error (its __cause__).

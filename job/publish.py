@@ -18,6 +18,7 @@ from typing import Any
 from job.lifecycle import FencedStore, Lease, Run
 from registry.logs import get_logger
 from registry.records import RunRecord, dump
+from registry.redact import redact_urls
 from registry.registry import Registry
 from registry.runs import write_manifest
 from registry.store import ObjectInfo
@@ -59,7 +60,7 @@ def publish(run: Run, outputs: dict[str, Path], record: RunRecord, lease: Lease)
     # config.yaml was stored create-only when the run started (resolve.record_config); list it as it is.
     raw, _ = run.run_store.get_bytes("config.yaml")
     infos.append(ObjectInfo(key="config.yaml", size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), etag=None))
-    infos.append(store.put_bytes("metrics.json", json.dumps(dump(record.metrics), indent=2).encode()))
+    infos.append(store.put_bytes("metrics.json", json.dumps(redact_urls(dump(record.metrics)), indent=2).encode()))
     lease.confirm(f"before writing {run.run_store.url('MANIFEST.json')}")
     write_manifest(run.store, run.run_id, infos, dump(record))
     log.info("publish.manifest", uri=run.uri, files=len(infos))

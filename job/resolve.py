@@ -15,8 +15,9 @@ from job.config import JobConfig
 from job.lifecycle import Run, lease_seconds
 from job.paths import cache_root
 from registry.errors import ConfigError, DataError
+from registry.redact import redact_urls
 from registry.runs import run_prefix
-from registry.store import PreconditionFailed, Store, open_store
+from registry.store import LocalStore, PreconditionFailed, Store, check_writable_dir, open_store
 
 #: Sections that define what is trained; a resumed run must keep them. Export and output may change.
 TRAINING_SECTIONS = ("model", "data", "lora", "train")
@@ -32,11 +33,14 @@ def new_run_id(cfg: JobConfig) -> str:
 def open_run(cfg: JobConfig) -> Run:
     """Fix the run id and open the store (no network call).
 
-    Raises ConfigError for a bad store URI or MEDFT_LEASE_SECONDS (checked here so --dry-run shows it too).
+    Raises ConfigError for a bad store URI or MEDFT_LEASE_SECONDS (checked here so --dry-run shows it too), or a
+    local store path that cannot hold files (AccessDeniedError where it may not be written).
     """
     lease_seconds()
     run_id = cfg.output.run_id or new_run_id(cfg)
     store = open_store(cfg.output.store)
+    if isinstance(store, LocalStore):  # the job writes there: a place that cannot hold files fails now, exit 2/5
+        check_writable_dir(store.root, "output.store")
     work_dir = cache_root() / "work" / run_id
     return Run(cfg=cfg, run_id=run_id, store=store, run_store=store.child(run_prefix(run_id)), work_dir=work_dir)
 
@@ -48,14 +52,15 @@ def record_config(run: Run, store: Store | None = None) -> None:
     Raises ConfigError naming the first differing key when the run was started with another config,
     DataError when the stored one is corrupt.
     """
-    text = run.cfg.to_yaml().encode()
+    # Stored without URL credentials; compared below the same way, so a resume still matches.
+    text = yaml.safe_dump(redact_urls(run.cfg.to_dict()), sort_keys=False, allow_unicode=True).encode()
     try:
         (store or run.run_store).put_bytes("config.yaml", text, if_absent=True)
         return
     except PreconditionFailed:
         pass
     stored = _stored_config(run)
-    current = run.cfg.to_dict()
+    current = redact_urls(run.cfg.to_dict())
     for section in TRAINING_SECTIONS:
         for key, value in current[section].items():
             if (section, key) in NOT_TRAINING:

@@ -32,8 +32,9 @@ from typing import Any, Protocol
 from job.config import JobConfig
 from job.lifecycle import Run
 from registry.errors import DataError, MedftError, Preempted
-from registry.logs import get_logger, redact, route_stdlib_logger
+from registry.logs import get_logger, route_stdlib_logger
 from registry.records import RunRecord, TrackerRun, dotted, dump
+from registry.redact import redact, redact_text, redact_url
 from registry.store import Store
 from registry.versions import ModelVersion
 
@@ -82,8 +83,8 @@ def flat_numbers(prefix: str, value: Any) -> dict[str, float]:
 
 
 def _without_userinfo(uri: str | None) -> str | None:
-    """``uri`` with any ``user:password@`` cut out, for logs and records."""
-    return re.sub(r"(//)[^/@]*@", r"\1", uri) if uri else uri
+    """``uri`` without its credentials (userinfo, secret query parameters), for logs and records."""
+    return redact_url(uri) if uri else uri
 
 
 class WandbTracker:
@@ -323,7 +324,7 @@ class Trackers:
             try:
                 self.store.put_dir("tensorboard", self.tensorboard_dir)
             except Exception as e:  # noqa: BLE001 - the curves are a convenience; the run's outcome stands
-                log.warning("tracker.upload_failed", tracker="tensorboard", error=str(e)[:300])
+                log.warning("tracker.upload_failed", tracker="tensorboard", error=redact_text(str(e))[:300])
 
     def __enter__(self) -> Trackers:
         return self
@@ -342,8 +343,9 @@ class Trackers:
     def _skip(self, name: str, error: BaseException, seconds: float | None = None) -> None:
         """Warn once, stop calling the tracker, record it as skipped."""
         self.live.pop(name, None)
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-        reason = redact(reason)
+        # Redacted before it is cut short: a cut inside "user:password@" would hide the "@" that marks it.
+        text = redact(str(error))
+        reason = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
         known = self.runs.get(name)
         self.runs[name] = TrackerRun(status="skipped", run_id=known.run_id if known else None,
                                      url=known.url if known else None, reason=reason)
@@ -355,7 +357,7 @@ class Trackers:
         try:
             tracker.close(status)
         except Exception as e:  # noqa: BLE001
-            log.info("tracker.close_failed", tracker=tracker.name, error=str(e)[:300])
+            log.info("tracker.close_failed", tracker=tracker.name, error=redact_text(str(e))[:300])
 
     def _read_ids(self, store: Store) -> dict[str, str]:
         """``trackers.json`` as an earlier life of this run wrote it; {} when there is none."""
@@ -380,5 +382,5 @@ class Trackers:
             if store.list("tensorboard/"):
                 store.get_dir("tensorboard", self.tensorboard_dir)
         except MedftError as e:
-            log.info("tracker.restore_failed", tracker="tensorboard", error=str(e)[:300])
+            log.info("tracker.restore_failed", tracker="tensorboard", error=redact_text(str(e))[:300])
 

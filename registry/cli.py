@@ -1,4 +1,5 @@
-"""``medft registry ...``: look up, register, alias, download and push (to the Hugging Face Hub) model versions.
+"""``medft registry ...``: look up, register, alias, download, verify and push (to the Hugging Face Hub) model
+versions.
 
 ``--store`` defaults to ``$MEDFT_STORE``, else ``./medft-store``; the registry lives at ``<store>/registry``
 unless ``--registry`` (or ``$MEDFT_REGISTRY``) names another URI. Output is a table, or JSON with
@@ -20,7 +21,8 @@ from registry.compare import format_score, text_table
 from registry.names import ARTIFACTS, DEFAULT_STORE
 from registry.records import dump
 from registry.registry import Registry
-from registry.store import Store, open_store
+from registry.store import Store, check_writable_file, open_store
+from registry.store.transfer import os_errors
 from registry.versions import ModelVersion
 
 
@@ -266,10 +268,13 @@ def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None,
     if len(refs) < 2:
         raise ConfigError("compare needs two or more refs, e.g. medft registry compare NAME:6 NAME:7")
     dest = check_image_path(image) if image else None
+    if dest is not None:
+        check_writable_file(dest, "--image")
     _, reg = _open(store_uri, registry_uri)
     versions = [reg.get(ref) for ref in refs]
     if dest is not None:
-        draw_scores(versions, dest)
+        with os_errors(dest, "writing"):
+            draw_scores(versions, dest)
     click.echo(json.dumps(comparison(versions), indent=2, default=str) if as_json else comparison_text(versions))
     if dest is not None:
         click.echo(f"benchmark scores drawn to {dest}", err=True)
@@ -285,6 +290,38 @@ def download_cmd(ref: str, dest: str, artifact: str, store_uri: str, registry_ur
     _, reg = _open(store_uri, registry_uri)
     path = reg.download(ref, dest, artifact)
     click.echo(str(path))
+
+
+@registry_group.command("verify")
+@click.argument("ref", required=False)
+@click.option("--all", "check_all", is_flag=True, help="Every version in the registry.")
+@store_options
+@click.option("--json", "as_json", is_flag=True, help="Print each version's findings as JSON.")
+def verify_cmd(ref: str | None, check_all: bool, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
+    """Re-hash every stored file of a version (REF) or of every version (--all) against its run's MANIFEST.json,
+    read back from the store, and check the records and the artifacts' loading checks. Exit 3 if any problem."""
+    from registry.errors import ConfigError, DataError
+    from registry.verify import verify_versions
+
+    if (ref is None) == (not check_all):
+        raise ConfigError("registry verify takes a REF or --all, e.g. medft registry verify med@production")
+    _, reg = _open(store_uri, registry_uri)
+    checks, unreadable = verify_versions(reg, ref)
+    problems = [p for c in checks for p in c.problems] + unreadable
+    if as_json:
+        _echo_json({"registry": reg.uri, "ok": not problems, "versions": [c.to_dict() for c in checks],
+                    "unreadable": [asdict(p) for p in unreadable]})
+    else:
+        for c in checks:
+            click.echo(f"{c.ref}: {'ok' if not c.problems else 'PROBLEMS'} ({c.files} files re-hashed, {c.run_uri})")
+            for p in c.problems:
+                click.echo(f"  {p.path}: {p.problem}")
+        for p in unreadable:
+            click.echo(f"unreadable record {p.path}: {p.problem}")
+    if problems:
+        bad = sum(1 for c in checks if c.problems) + len(unreadable)
+        raise DataError(f"registry verify: {len(problems)} problem(s) in {bad} version(s) or record(s) of {reg.uri}, "
+                        f"first: {problems[0].path}: {problems[0].problem}")
 
 
 @registry_group.command("push")

@@ -2,11 +2,13 @@
 
 Every failure a user can cause or fix (bad config, bad data, a missing bucket, refused credentials, a
 flaky network) is raised as one of these, carrying a one-line message that names the key, file, row or
-URI and says how to fix it. The CLI prints that line and exits with the class's code; anything else is a
-bug and exits 1 with its traceback.
+URI and says how to fix it; any URL in it loses its credentials (:func:`registry.redact.redact_text`). The
+CLI prints that line and exits with the class's code; anything else is a bug and exits 1 with its traceback.
 """
 
 from __future__ import annotations
+
+from registry.redact import redact_text
 
 
 class MedftError(Exception):
@@ -15,6 +17,8 @@ class MedftError(Exception):
     exit_code = 1
 
     def __init__(self, message: str) -> None:
+        # A message often quotes a URL (an endpoint, a presigned link, a tracker): never its credentials.
+        message = redact_text(message)
         super().__init__(message)
         self.message = message
 

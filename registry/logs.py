@@ -1,14 +1,14 @@
 """Structured logging for every medft command.
 
 JSON lines when stderr is not a terminal (containers, CI), readable coloured lines on a terminal. A
-redaction processor runs on every event, so secrets never reach a log whichever code logs them.
+redaction processor (:func:`registry.redact.redact`: secret keys, secret values, URL credentials) runs on every
+event, so secrets never reach a log whichever code logs them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -16,41 +16,7 @@ from typing import Any
 import structlog
 
 from registry import progress
-
-# Whole words only: "hf_token" and "aws_secret_access_key" are secrets, "max_new_tokens" is not.
-_SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|credentials?|api[_-]?key|access[_-]?key|"
-                         r"authorization)($|[_-])", re.I)
-_NOT_SECRET = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
-               "HUGGING_FACE_HUB_TOKEN")
-REDACTED = "***"
-
-
-def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower() not in _NOT_SECRET and _SECRET_KEY.search(key) is not None
-
-
-def _secret_values() -> list[str]:
-    values = [os.environ.get(name, "") for name in _SECRET_ENV]
-    values += [v for k, v in os.environ.items() if _is_secret_key(k)]
-    # Short values would blank out ordinary words; real credentials are long.
-    return sorted({v for v in values if len(v) >= 8}, key=len, reverse=True)
-
-
-def redact(value: Any, secrets: list[str] | None = None) -> Any:
-    """Return ``value`` with secret-named keys masked and known secret values cut out of strings."""
-    secrets = _secret_values() if secrets is None else secrets
-    if isinstance(value, Mapping):
-        return {k: (REDACTED if _is_secret_key(k) and v not in (None, "", False) else redact(v, secrets))
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v, secrets) for v in value)
-    if isinstance(value, str):
-        for s in secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        return value
-    return value
+from registry.redact import REDACTED, redact  # noqa: F401 - redact is this module's API too
 
 
 def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -102,9 +68,9 @@ def configure(*, json_logs: bool | None = None, level: str | None = None) -> Non
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact_processor,
             *([] if json_logs else [_round_for_people]),
             structlog.processors.format_exc_info if json_logs else structlog.dev.set_exc_info,
+            _redact_processor,  # after format_exc_info: a traceback's text is redacted too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),

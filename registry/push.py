@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.errors import AccessDeniedError, ConfigError, ConflictError, MedftError, NotFoundError, TransientError
 from registry.logs import get_logger
+from registry.redact import redact_text
 from registry.registry import Registry
 from registry.runs import now_iso
 from registry.uris import parse_uri
@@ -195,7 +196,7 @@ def _map_error(exc: BaseException, where: str, *, create: bool) -> MedftError | 
         if isinstance(e, ConnectionError):
             # hf_xet (Rust) reports every failure, HTTP ones included, as a builtin ConnectionError whose text
             # carries the status, e.g. "HTTP status client error (403 Forbidden), domain: .../xet-write-token/main".
-            said = str(e).replace("\n", " ")[:300]
+            said = redact_text(str(e)).replace("\n", " ")[:300]  # redacted before the cut: its URLs carry tokens
             if re.search(r"\((401|403) ", said):
                 return AccessDeniedError(f"{where}: the Hub refused {TOKEN_VAR} for the Xet upload ({said}); use a "
                                          f"token with write access to the repo's owner")

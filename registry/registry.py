@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from registry import base_scores, webhooks
+from registry.artifact_checks import StoreFolder, check_artifact_folder
 from registry.changes import CAS_ATTEMPTS, ModelChanges, jitter
 from registry.errors import ConflictError, DataError, NotFoundError
 from registry.logs import get_logger
@@ -44,8 +45,9 @@ from registry.model_state import ModelState, current_user  # noqa: F401 - re-exp
 from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, check_alias, check_name
 from registry.promotion import gated_move
 from registry.records import EvaluationRecord, dump
+from registry.redact import redact_urls
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
-from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
+from registry.store import BucketNotFound, PreconditionFailed, Store, check_writable_dir, open_store
 from registry.versions import HubPush, ModelVersion
 
 log = get_logger(__name__)
@@ -249,7 +251,7 @@ class Registry(ModelChanges):
         a failed download leaves none of its files behind.
         """
         dest = Path(dest)
-        check_local_dir(dest, "download destination")
+        check_writable_dir(dest, "download destination")
         mv = self.get(ref)
         art = self._artifact(mv, artifact)
         src = open_store(art["uri"], transfer=self.store.transfer)
@@ -266,8 +268,9 @@ class Registry(ModelChanges):
 
         A protected alias the version fails the gate for stays where it was: the refusal is recorded in the
         history (``refused``) and in the version's ``alias_refusals``, and logged; the registration stands.
-        Refuses a run without MANIFEST.json (NotFoundError, exit 4) or with a bad one (DataError, exit 3).
-        Never overwrites a version, nor reuses a deleted one's number.
+        Refuses a run without MANIFEST.json (NotFoundError, exit 4) or with a bad one (DataError, exit 3), and
+        one whose adapter or merged artifact loading would refuse (:func:`check_loadable`: DataError naming the
+        file). Never overwrites a version, nor reuses a deleted one's number.
         """
         check_name(name)
         aliases = [check_alias(a) for a in aliases]
@@ -277,6 +280,7 @@ class Registry(ModelChanges):
         rs, _ = run_store(store, run_uri)
         verify_run(store, run_uri, manifest=manifest)
         artifacts = artifacts_from_manifest(manifest, rs.uri, rs.url(MANIFEST))
+        check_loadable(rs, manifest, artifacts)
         record = manifest_record(manifest, rs.url(MANIFEST))
         base = {
             "name": name, "created_at": now_iso(), "run_id": manifest["run_id"], "run_uri": rs.uri,
@@ -284,6 +288,7 @@ class Registry(ModelChanges):
             "dataset": dump(record.dataset_lineage), "config": record.config, "metrics": dump(record.metrics),
             "environment": record.environment, "tags": tags, "description": description,
         }
+        base = redact_urls(base)  # a hand-written manifest may quote URLs with credentials: never stored again
         versions = self._versions(name)  # listed before the state is read: a deleted number is in one or the other
         version = max([0, *versions, *self.state(name).deleted]) + 1
         for attempt in range(_REGISTER_ATTEMPTS):
@@ -395,3 +400,18 @@ def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) 
     if not out:
         raise DataError(f"{where} lists no artifact (adapter/ or merged/); nothing to register")
     return out
+
+
+def check_loadable(rs: Store, manifest: dict[str, Any], artifacts: dict[str, dict[str, Any]]) -> None:
+    """The checks ``generate``/``eval`` run before loading an artifact (:func:`check_artifact_folder`: no pickle,
+    no code, an index naming present safetensors, true headers), on the stored files the manifest lists.
+
+    Reads config files and safetensors headers only (ranged reads), never the weights. Raises DataError (exit 3)
+    naming the file. Other artifacts (none that medft loads) are not checked.
+    """
+    for art, spec in artifacts.items():
+        if art not in ARTIFACTS:
+            continue
+        folder = spec["uri"][len(rs.uri) + 1:]
+        sizes = {rel: manifest["files"][f"{folder}/{rel}"]["size"] for rel in spec["files"]}
+        check_artifact_folder(StoreFolder(rs.child(folder), sizes), f"{spec['uri']} ({art} artifact)", art)

@@ -23,6 +23,7 @@ from typing import Any
 from registry.errors import ConfigError, DataError, NotFoundError
 from registry.names import ARTIFACTS, NAME_RE
 from registry.records import RunRecord, parse_record
+from registry.redact import redact_urls
 from registry.store import (
     BucketNotFound,
     ObjectInfo,
@@ -103,7 +104,8 @@ def write_manifest(store: Store, run_id: str, files: list[ObjectInfo], record: d
                            "files": manifest_files(files, run_id)}
     doc.update(record)
     doc.setdefault("artifacts", dict(DEFAULT_ARTIFACTS))
-    data = (json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n").encode()
+    # The record quotes URIs (base model, data, trackers, store): stored without their credentials.
+    data = (json.dumps(redact_urls(doc), indent=2, sort_keys=False, default=str) + "\n").encode()
     key = f"{run_prefix(run_id)}/{MANIFEST}"
     try:
         store.put_bytes(key, data, if_absent=True)

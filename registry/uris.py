@@ -76,3 +76,26 @@ def ms_repo_id(uri: Uri) -> str:
         raise ValueError(f"{uri.text!r} is not ms://owner/name (two parts of letters, digits, '.', '_' and '-', "
                          "each starting with a letter or digit)")
     return "/".join(parts)
+
+
+def endpoint_url(var: str, value: str) -> str:
+    """``value``, the http(s) endpoint URL set in the environment variable ``var`` (S3, ModelScope).
+
+    Raises ConfigError (exit 2: a malformed setting is not worth a retry) naming ``var`` and quoting the value
+    without its credentials, when it is not ``http(s)://host[:port][/path]``: another scheme, no host, a port
+    that is not a number, white space.
+    """
+    from urllib.parse import urlparse
+
+    from registry.errors import ConfigError
+    from registry.redact import redact_url
+
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and not re.search(r"\s", value)
+    except ValueError:  # also an unclosed "[" of an IPv6 host
+        ok = False
+    if not ok:
+        raise ConfigError(f"{var}={redact_url(value)!r} is not an endpoint URL; use http(s)://host[:port]")
+    return value

@@ -215,6 +215,16 @@ def s3_serial_bucket(s3_serial_server: SerialS3, monkeypatch: pytest.MonkeyPatch
 
 # ------------------------------------------------------------------------------------- sample runs
 
+def safetensors_bytes(size: int, *, lie: bool = False) -> bytes:
+    """A ``size``-byte safetensors file of one random U8 tensor, its header true (or, with ``lie``, claiming
+    twice the bytes the file holds)."""
+    n = size - 8 - 128  # a 128-byte header, padded with spaces as safetensors pads its own
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n * (2 if lie else 1)], "data_offsets": [0, n]}}).encode()
+    if n > 0 and len(header) <= 128:
+        return (128).to_bytes(8, "little") + header.ljust(128) + os.urandom(n)
+    raise AssertionError(f"no safetensors layout of {size} bytes")
+
+
 @pytest.fixture
 def sample_run_dir(tmp_path: Path) -> Path:
     """A run folder as the job leaves it: adapter/, merged/ (two shards + index), metrics, config."""
@@ -222,11 +232,13 @@ def sample_run_dir(tmp_path: Path) -> Path:
     (root / "adapter").mkdir(parents=True)
     (root / "merged").mkdir()
     (root / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 16}))
-    (root / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    (root / "adapter" / "adapter_model.safetensors").write_bytes(safetensors_bytes(4096))
     (root / "merged" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (root / "merged" / "model-00001-of-00002.safetensors").write_bytes(os.urandom(300_000))
-    (root / "merged" / "model-00002-of-00002.safetensors").write_bytes(os.urandom(200_000))
-    (root / "merged" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (root / "merged" / shards[0]).write_bytes(safetensors_bytes(300_000))
+    (root / "merged" / shards[1]).write_bytes(safetensors_bytes(200_000))
+    (root / "merged" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w1": shards[0],
+                                                                                              "w2": shards[1]}}))
     (root / "merged" / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
     (root / "metrics.json").write_text(json.dumps({"train_loss": 1.5}))
     (root / "config.yaml").write_text("model:\n  base: hf://org/tiny\n")

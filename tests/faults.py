@@ -172,6 +172,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.rules: list[Rule] = []
         self.requests: list[tuple[str, str, str]] = []
+        self.ranges: list[tuple[str, str, str]] = []  # (method, path, Range header) of every ranged request
         self.injected: list[tuple[str, str, str, str]] = []  # (action, label, method, path)
         self.lock = threading.Lock()
         self._streaks: dict[tuple[str, str, str], int] = {}  # random faults in a row, by request
@@ -297,6 +298,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._body()
         path, _, query = self.path.partition("?")
+        if self.headers.get("Range"):
+            with self.server.proxy.lock:
+                self.server.proxy.ranges.append((self.command, path, self.headers["Range"]))
         rule = self.server.proxy._decide(self.command, path, query)
         action = rule.action if rule else None
         if action == "hold":

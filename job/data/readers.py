@@ -225,6 +225,8 @@ def file_records(path: Path, display: str, wanted: list[str]) -> Iterator[Record
                             f"{Path.cwd()})")
     if path.is_dir():
         raise DataError(f"{display}: is a directory, not a data file; name a {kind} file")
+    if not path.is_file():  # a device, pipe or socket: its size says nothing and reading it may never end
+        raise DataError(f"{display}: is not a regular file (a device, pipe or socket); name a {kind} file")
     try:
         size = path.stat().st_size
     except OSError as e:

@@ -65,6 +65,17 @@ def _check_model_args(ref: str | None, base: str | None, template: str | None, b
     if record and base is not None:
         raise ConfigError("--record writes the scores into a registered version, and --base names none; give "
                           "REF as NAME, NAME:VERSION or NAME@ALIAS")
+    if base is not None:  # typed by the user: a usage error (exit 2) saying what is wrong, before any download
+        from job.config import check_uri
+        from job.inference.refs import is_revision
+
+        try:
+            check_uri(base, "--base")
+            if base_revision is not None and not is_revision(base_revision):
+                raise ValueError(f"--base-revision {base_revision!r} is not a commit sha, tag or branch")
+        except ValueError as e:
+            raise ConfigError(f"{e}; give --base as hf://org/name, ms://owner/name, s3://bucket/prefix or a local "
+                              "folder, and --base-revision as a commit sha, tag or branch") from None
     if record and ref is not None and is_run_uri(ref):
         raise ConfigError(f"--record writes the scores into a registered version, and {ref} is a run folder; "
                           "register it with `medft registry register NAME RUN_URI` and give NAME:VERSION")

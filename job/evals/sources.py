@@ -84,6 +84,9 @@ def _file_records(path: Path, display: str, spec: BenchmarkSpec) -> Iterator[dic
     suffix = path.suffix.lower()
     if path.is_dir():
         raise DataError(f"{display}: is a directory; give the {spec.name} rows as one .jsonl or .parquet file")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO, a socket: reading it never ends or blocks
+        raise DataError(f"{display}: is not a regular file (a device, pipe or socket); give the {spec.name} rows as "
+                        "one .jsonl or .parquet file")
     if suffix not in _FILE_SUFFIXES:
         raise ConfigError(f"{display}: unsupported file type {path.suffix or '(none)'!r}; give the {spec.name} "
                           "rows as .jsonl or .parquet in the dataset's own schema")

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job.weights import check_weights_dir, refuse_pickles, remote_code, validate_safetensors
-from registry.errors import ConfigError, DataError, NotFoundError
+from registry.artifact_checks import check_artifact_folder, refuse_code  # noqa: F401 - refuse_code: loading's
+from registry.errors import ConfigError
 from registry.logs import get_logger
 
 if TYPE_CHECKING:
@@ -50,30 +50,6 @@ def remote_code_trust(version: Version, sha: str | None) -> bool:
 
 
 def check_artifact(path: Path, version: Version, artifact: str, *, trust_remote_code: bool = False) -> None:
-    """Refuse a fetched artifact before anything loads from it (DataError, exit 3, naming the file).
-
-    ``merged``: what :func:`job.weights.check_weights_dir` demands of any weights (config.json, safetensors only,
-    no pickle beside them, index naming present safetensors, true headers). ``adapter``: adapter_config.json and
-    adapter_model.safetensors with a true header, no pickle. Both: no ``auto_map`` or ``.py`` file unless
-    ``trust_remote_code``.
-    """
-    where = f"{version.label} {artifact} artifact"
-    if artifact == "merged":
-        try:
-            check_weights_dir(path, where)
-        except NotFoundError as e:  # the record lists these files: a folder without weights is a corrupt record
-            raise DataError(e.message) from None
-    else:
-        refuse_pickles(path, where)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (path / name).is_file():
-                raise DataError(f"{where}: no {name}; a PEFT adapter needs it (medft loads safetensors only)")
-        validate_safetensors(path / "adapter_model.safetensors")
-    refuse_code(path, where, trust_remote_code)
-
-
-def refuse_code(path: Path, where: str, trust_remote_code: bool) -> None:
-    code = [] if trust_remote_code else remote_code(path)
-    if code:
-        raise DataError(f"{where}: names code to run ({code[0]}); medft never runs code from a model folder. For a "
-                        "run folder you trust, pass --trust-remote-code with its base's commit sha")
+    """Refuse a fetched artifact before anything loads from it (DataError, exit 3, naming the file): the checks
+    of :func:`registry.artifact_checks.check_artifact_folder`, the same ones ``medft registry register`` runs."""
+    check_artifact_folder(path, f"{version.label} {artifact} artifact", artifact, trust_remote_code=trust_remote_code)

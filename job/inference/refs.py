@@ -89,10 +89,14 @@ class Version:
             check_uri(str(uri), "its base model")
         except ValueError as e:
             raise DataError(f"{self.label} records a base model that cannot be loaded: {e}") from None
-        if revision is not None and not (isinstance(revision, str) and _REVISION.fullmatch(revision)
-                                         and ".." not in revision):
+        if revision is not None and not is_revision(revision):
             raise DataError(f"{self.label} records base revision {revision!r}, not a commit sha, tag or branch")
         return str(uri), revision
+
+
+def is_revision(revision: object) -> bool:
+    """Whether ``revision`` can name a commit sha, tag or branch (a plain name, no ``..``)."""
+    return isinstance(revision, str) and _REVISION.fullmatch(revision) is not None and ".." not in revision
 
 
 def is_run_uri(ref: str) -> bool:

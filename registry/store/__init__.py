@@ -36,6 +36,8 @@ from registry.store.base import (
     Store,
     check_key,
     check_local_dir,
+    check_writable_dir,
+    check_writable_file,
 )
 from registry.store.local import LocalStore
 from registry.store.open import open_store, with_transfer
@@ -54,6 +56,8 @@ __all__ = [
     "TransferSettings",
     "check_key",
     "check_local_dir",
+    "check_writable_dir",
+    "check_writable_file",
     "open_store",
     "sha256_file",
     "with_transfer",

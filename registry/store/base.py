@@ -7,6 +7,7 @@ are refused, so nothing is ever written outside the root.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from registry import progress as progress_mod
-from registry.errors import ConfigError, ConflictError, DataError, MedftError, NotFoundError
+from registry.errors import AccessDeniedError, ConfigError, ConflictError, DataError, MedftError, NotFoundError
 from registry.progress import NO_PROGRESS, Progress, Task
 from registry.store.transfer import MiB, TransferSettings, os_errors, parallel
 
@@ -63,6 +64,8 @@ class Store(Protocol):
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False,
                   if_match: str | None = None) -> ObjectInfo: ...
     def get_bytes(self, key: str) -> tuple[bytes, str]: ...
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
+    def sha256(self, key: str) -> str: ...
     def get_file(self, key: str, dest: Path, *, sha256: str | None = None) -> ObjectInfo: ...
     def exists(self, key: str) -> bool: ...
     def stat(self, key: str) -> ObjectInfo: ...
@@ -128,6 +131,36 @@ def check_local_dir(path: Path, what: str) -> None:
             return
 
 
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse, before anything is written, a local directory path that cannot hold files: a file in the way
+    (ConfigError, exit 2, as :func:`check_local_dir`), a place no directory can be made (``/proc``: ConfigError)
+    or one this process may not write (``/sys``, a read-only mount: AccessDeniedError, exit 5).
+
+    Probes the nearest existing folder by making (and removing) an empty directory in it; creates nothing else.
+    """
+    import tempfile
+
+    check_local_dir(path, what)
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".medft-probe-", dir=existing))
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise AccessDeniedError(f"{what} {path}: {existing} cannot be written ({e.strerror}); pick a "
+                                    "writable path") from None
+        raise ConfigError(f"{what} {path}: no folder can be made in {existing} ({e.strerror}); pick a path on a "
+                          "writable disk") from None
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """Refuse a local output file path that is an existing directory, lies under a file, or whose folder cannot
+    be written (ConfigError exit 2, AccessDeniedError exit 5), before anything is read or drawn."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give the path of a file to write")
+    check_writable_dir(path.parent, f"{what} {path}: folder")
+
+
 def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
     """(relative posix path, path) for every regular file under ``local_dir`` (file symlinks followed)."""
     if not local_dir.is_dir():
@@ -180,6 +213,12 @@ class BaseStore(ABC):
                   if_match: str | None = None) -> ObjectInfo: ...
     @abstractmethod
     def get_bytes(self, key: str) -> tuple[bytes, str]: ...
+    @abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of the object from offset ``start`` (fewer at its end); NotFoundError if none."""
+    @abstractmethod
+    def sha256(self, key: str) -> str:
+        """The sha256 of the object's content as stored now, every byte read (whatever checksum it carries)."""
     @abstractmethod
     def get_file(self, key: str, dest: Path, *, sha256: str | None = None, task: Task | None = None) -> ObjectInfo:
         """Download to ``dest``; bytes reported as for ``put_file``."""

@@ -171,6 +171,24 @@ class LocalStore(BaseStore):
                 raise NotFoundError(f"not found: {self.url(key)}") from None
         return data, hashlib.sha256(data).hexdigest()
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        p = self._path(key)
+        with os_errors(p, "reading"):
+            try:
+                with p.open("rb") as f:
+                    f.seek(start)
+                    return f.read(length)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise NotFoundError(f"not found: {self.url(key)}") from None
+
+    def sha256(self, key: str) -> str:
+        p = self._path(key)
+        with os_errors(p, "reading"):
+            try:
+                return sha256_file(p)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise NotFoundError(f"not found: {self.url(key)}") from None
+
     def get_file(self, key: str, dest: Path, *, sha256: str | None = None, task: Task | None = None) -> ObjectInfo:
         src = self._path(key)
         dest = Path(dest)

@@ -18,15 +18,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
-from registry.errors import ConfigError, MedftError, NotFoundError, TransientError
+from registry.errors import MedftError, NotFoundError, TransientError
 from registry.progress import Progress, Task
 from registry.store.base import (
     BaseStore,
@@ -42,6 +40,7 @@ from registry.store.base import (
 from registry.store.s3_errors import Attempts, Verdict, classify
 from registry.store.s3_multipart import b64, get_ranged, md5_b64, put_multipart
 from registry.store.transfer import MiB, TransferSettings, os_errors
+from registry.uris import endpoint_url
 
 _CHUNK = 1 * MiB
 
@@ -53,15 +52,7 @@ def _endpoint_from_env() -> str | None:
     for var in ("MEDFT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         value = os.environ.get(var, "").strip()
         if value:
-            parsed = urlparse(value)
-            try:
-                parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
-                ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and not re.search(r"\s", value)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ConfigError(f"{var}={value!r} is not an endpoint URL; use http(s)://host[:port]")
-            return value
+            return endpoint_url(var, value)
     return None
 
 
@@ -345,6 +336,26 @@ class S3Store(BaseStore):
 
         try:
             return self._call("reading", self.url(key), fetch)
+        except NotFoundError as e:
+            raise self._not_found(e, key) from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        full = self._full(key)
+        if length <= 0:
+            return b""
+
+        def fetch() -> bytes:
+            r = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{start + length - 1}")
+            return r["Body"].read()
+
+        try:
+            return self._call("reading", self.url(key), fetch)
+        except NotFoundError as e:
+            raise self._not_found(e, key) from None
+
+    def sha256(self, key: str) -> str:
+        try:
+            return self._read_sha256(self._full(key), self.url(key))
         except NotFoundError as e:
             raise self._not_found(e, key) from None
 

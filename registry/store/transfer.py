@@ -119,6 +119,10 @@ def os_errors(path: Path | str, doing: str) -> Iterator[None]:
             raise AccessDeniedError(f"permission denied while {doing} {path}: {e.strerror}") from e
         if e.errno == errno.EIO:
             raise TransientError(f"I/O error while {doing} {path}: {e.strerror}") from e
+        if e.errno == errno.ENOENT and doing in ("creating directory", "writing") and Path(e.filename or path).parent.is_dir():
+            # The folder above is there, yet nothing can be made in it: a virtual file system such as /proc.
+            raise ConfigError(f"cannot create {e.filename or path} while {doing} ({e.strerror}): that folder cannot "
+                              "hold files; pick a path on a writable disk") from e
         if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
             # Something else stands where a file or folder is needed (a folder, a file, a link loop, a name too long).
             raise DataError(f"{e.strerror} while {doing} {e.filename or path}: something else stands there, or "

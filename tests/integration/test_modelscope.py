@@ -230,6 +230,16 @@ def test_data_validate_with_the_hub_unreachable_and_nothing_cached_exits_75(hub:
     assert code == 75 and "retry later" in err, err
 
 
+@pytest.mark.parametrize("endpoint", ["http://[::1", "ftp://127.0.0.1",
+                                      "http://medft:ms-secret-4d1c@127.0.0.1:x/?token=ms-secret-4d1c"])
+def test_a_malformed_endpoint_is_exit_2_not_a_hub_outage(hub: MsEndpoint, capsys, monkeypatch, endpoint):
+    """A setting that can never work is a usage error (a Job must not retry it), and quotes no credential."""
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", endpoint)
+    code, err = _validate(capsys)
+    assert code == 2 and "MODELSCOPE_ENDPOINT" in err and "http(s)://host" in err, err
+    assert "ms-secret-4d1c" not in err and hub.requests == []
+
+
 def test_dataset_subset_missing_from_the_card_is_a_config_error(hub: MsEndpoint, tmp_path, capsys):
     repo, _ = _dataset_files(tmp_path)
     hub.add("dataset", DATASET, repo)

@@ -190,12 +190,16 @@ def test_5xx_on_the_commit_exits_75_once_without_retrying(hub: FakeHub, register
     assert registered.get("med:1").pushes == ()
 
 
-def test_5xx_on_repo_lookup_exits_75(hub: FakeHub, registered: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+def test_5xx_on_repo_lookup_exits_75(hub: FakeHub, registered: Registry, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Also: the Hub's error quotes the URL it asked; the endpoint's credentials are cut out of it."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint.replace("http://", "http://medft:hub-secret-5e07@"))
     hub.add_repo("org/med")
     hub.fail("/api/models/org/med", 503, method="GET")
     code, _, err = push(["med:1", "hf://org/med"], capsys)
     assert code == 75 and "HTTP 503" in cli.error_lines(err)[0]
     assert len(hub.requests) == 1
+    assert "hub-secret-5e07" not in err
 
 
 def test_unreachable_hub_exits_75(hub: FakeHub, registered: Registry, monkeypatch: pytest.MonkeyPatch,
@@ -203,11 +207,13 @@ def test_unreachable_hub_exits_75(hub: FakeHub, registered: Registry, monkeypatc
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    # Credentials in the endpoint (userinfo, a token parameter) appear nowhere in what is printed or logged.
+    monkeypatch.setenv("HF_ENDPOINT", f"http://medft:hub-secret-91f2@127.0.0.1:{port}/?token=hub-secret-91f2")
     code, _, err = push(["med:1", "hf://org/med"], capsys)
     assert code == 75
     [line] = cli.error_lines(err)
     assert "cannot reach the Hub for hf://org/med (ConnectError" in line
+    assert "hub-secret-91f2" not in err
 
 
 def test_concurrent_pushes_and_evaluations_are_all_recorded(registered: Registry) -> None:

@@ -25,7 +25,7 @@ from registry.registry import Registry
 from registry.runs import publish_dir, read_manifest
 from registry.store import open_store, sha256_file
 from tests import cli
-from tests.conftest import SAMPLE_RECORD, make_s3_client
+from tests.conftest import SAMPLE_RECORD, make_s3_client, safetensors_bytes
 from tests.faults import FaultProxy, Job
 from tests.integration.conftest import ROOT, job_args, medft_cmd
 
@@ -60,7 +60,7 @@ def _flip_byte_keeping_metadata(endpoint: str, store_uri: str, key: str, offset:
 @pytest.fixture
 def big_run_dir(sample_run_dir: Path) -> Path:
     """The sample run with a 12 MiB merged/model.safetensors (over any size-only threshold; 3 parts at 5 MiB)."""
-    (sample_run_dir / "merged" / "model.safetensors").write_bytes(os.urandom(12 * MiB))
+    (sample_run_dir / "merged" / "model.safetensors").write_bytes(safetensors_bytes(12 * MiB))
     return sample_run_dir
 
 
@@ -90,13 +90,17 @@ def test_register_on_s3_uses_the_recorded_checksum_and_refuses_a_flipped_byte(
     entry = read_manifest(open_store(s3_bucket), "run-1")["files"]["merged/model.safetensors"]
     assert entry["checksum_sha256"].endswith("-3" if part_mb == "5" else "=")  # composite for 3 parts
 
-    # Untampered: registration compares S3's checksums and reads no object body.
+    # Untampered: registration compares S3's checksums and reads no weights: only the manifest, the small JSON
+    # files the loading checks read, and each safetensors header by a ranged GET.
     with FaultProxy(s3_server) as proxy:
         monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", proxy.endpoint)
         code, line = _run(["registry", "register", "m", "run-1", "--store", s3_bucket], capsys)
         assert code == 0, line
+        ranged = {path for method, path, _ in proxy.ranges if method == "GET"}
         assert not [r for r in proxy.requests if r[0] == "GET" and "/runs/run-1/" in r[1]
-                    and not r[1].endswith("MANIFEST.json")], proxy.requests
+                    and not r[1].endswith(".json") and r[1] not in ranged], proxy.requests
+        assert any(path.endswith("merged/model.safetensors") for path in ranged)
+        assert all(int(rng.split("-")[1]) < 1 * MiB for _, _, rng in proxy.ranges), proxy.ranges
     monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", s3_server)
 
     _flip_byte_keeping_metadata(s3_server, s3_bucket, "runs/run-1/merged/model.safetensors", 6 * MiB)

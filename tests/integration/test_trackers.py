@@ -209,7 +209,10 @@ def _events(stderr: str) -> list[dict[str, Any]]:
 
 
 def test_a_tracker_that_is_down_costs_one_warning_and_seconds_not_the_run(tiny_model_dir, s3_bucket, job_env):
-    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    """Also: the tracking URI's credentials (userinfo, a token parameter) reach neither the log, nor the
+    skipped tracker's reason in metrics.json and the run record, nor the registry version."""
+    # Nothing listens there.
+    closed = f"http://medft-user:{FAKE_MLFLOW_PASSWORD}@127.0.0.1:{_free_port()}/mlflow?access_token={FAKE_WANDB_KEY}"
     env = {**job_env, "MLFLOW_TRACKING_URI": closed}
     done = run_medft(*job_args(tiny_model_dir, s3_bucket, "run-down", *FAST, "--set", "train.report_to=mlflow"),
                      env=env)
@@ -219,6 +222,12 @@ def test_a_tracker_that_is_down_costs_one_warning_and_seconds_not_the_run(tiny_m
     assert [(w["event"], w["tracker"]) for w in warnings] == [("tracker.skipped", "mlflow")]
     trackers = _record(s3_bucket, "run-down").metrics.trackers
     assert trackers["mlflow"].status == "skipped" and "Connection" in trackers["mlflow"].reason
+    run = open_store(s3_bucket).child("runs/run-down")
+    stored = {key: run.get_bytes(key)[0].decode() for key in ("metrics.json", "MANIFEST.json", "config.yaml")}
+    stored["version"] = json.dumps(registry_versions(s3_bucket)[0].to_dict())
+    for secret in (FAKE_MLFLOW_PASSWORD, FAKE_WANDB_KEY):
+        assert secret not in done.stderr and secret not in done.stdout
+        assert not [name for name, text in stored.items() if secret in text]
     # Bounded retries: trying the tracker (its import included) costs seconds, not the library's minutes.
     assert warnings[0]["seconds"] < 5
     skipped_at = datetime.fromisoformat(warnings[0]["timestamp"])

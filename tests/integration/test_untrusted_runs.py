@@ -107,8 +107,15 @@ def test_a_forged_run_folder_never_runs_its_code(tiny_model_dir: Path, tmp_path:
     assert "config.json auto_map" in errors[0] and "never runs code" in errors[0], errors
     assert not marker.exists()
 
-    # 2. Registered and given an alias, then asked by NAME@ALIAS; and by chat.
-    code, _ = _cli(["registry", "register", "forged", run, "--alias", "prod", "--store", store], capsys)
+    # 2. Registration runs the same checks: refused naming the file, no version written.
+    code, errors = _cli(["registry", "register", "forged", run, "--alias", "prod", "--store", store], capsys)
+    assert code == 3 and len(errors) == 1 and "config.json auto_map" in errors[0], errors
+    assert not (Path(store) / "registry" / "models" / "forged").exists()
+    # A version registered before registration checked (an older medft) is still refused at load, asked by
+    # NAME@ALIAS and by chat.
+    with monkeypatch.context() as older_medft:
+        older_medft.setattr("registry.registry.check_loadable", lambda *_: None)
+        code, _ = _cli(["registry", "register", "forged", run, "--alias", "prod", "--store", store], capsys)
     assert code == 0
     code, errors = _cli(["generate", "forged@prod", "--store", store, "-q", QUESTION], capsys)
     assert code == 3 and len(errors) == 1 and "auto_map" in errors[0], errors
