@@ -26,13 +26,18 @@ SET_OPTION = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="medft")
-def cli() -> None:
+@click.option("--verbose", "-v", is_flag=True,
+              help="On a terminal, also show the libraries' warnings and progress bars (JSON logs always keep them).")
+def cli(verbose: bool) -> None:
     """medft: fine-tune DeepSeek-R1-Distill models into medical reasoning assistants.
 
     \b
+    stdout holds each command's result (summary, table, answer, JSON with --json);
+    stderr holds logs, progress and errors (one line: medft: error: ...).
     Exit codes: 0 ok, 2 bad usage or config, 3 bad data, 4 not found, 5 access refused,
     75 transient (retry), 143 stopped by SIGTERM after a checkpoint, 1 a bug (with traceback).
     """
+    logs.set_verbose(verbose)
 
 
 @cli.command()
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="medft", standalone_mode=False)
     except MedftError as e:
-        logs.get_logger("medft").error("failed", error=e.message, exit_code=e.exit_code)
+        if not logs.readable():  # JSON logs keep the failure as an event; a person reads the one line below
+            logs.get_logger("medft").error("failed", error=e.message, exit_code=e.exit_code)
         click.echo(f"medft: error: {logs.redact(e.message)}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
