@@ -12,13 +12,13 @@ import click
 from job import data, evaluate, export, loss_curve, model, preflight, publish, train
 from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
-from job.config import load_config
+from job.config import JobConfig, load_config
 from job.evals.in_job import load_job_benchmarks, score_job_benchmarks
 from job.lifecycle import FencedStore, Lease, Preemption, disk_full_is_transient
 from job.resolve import open_run, record_config
 from job.tokenizer import guard_texts, save_tokenizer
 from job.trackers import Trackers
-from registry.logs import get_logger
+from registry.logs import JsonOnly, get_logger
 from registry.records import Lineage, RunMetrics, RunRecord, dump
 
 log = get_logger("medft.train")
@@ -44,9 +44,16 @@ def _rounded(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.3f}"
 
 
+def _config_summary(cfg: JobConfig) -> dict[str, object]:
+    """What a person checks first in a resolved config; the event keeps the whole config in JSON logs."""
+    return {"base": cfg.model.base, "data": cfg.data.source, "max_steps": cfg.train.max_steps,
+            "store": cfg.output.store, "model_name": cfg.output.model_name}
+
+
 def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = False) -> None:
     cfg = load_config(config_path, overrides)
-    log.info("config.resolved", config=cfg.to_dict())
+    log.info("config.resolved", **_config_summary(cfg),
+             config=JsonOnly(cfg.to_dict(), "(all keys: --dry-run, the JSON log, runs/<id>/config.yaml)"))
     run = open_run(cfg)
     trackers = Trackers(cfg, run)  # train.report_to: refuses a tracker that is not installed (exit 2)
     model.check_weights_plan(cfg)

@@ -72,6 +72,20 @@ def _round_for_people(_logger: Any, _name: str, event: dict[str, Any]) -> dict[s
     return _round(event)
 
 
+class JsonOnly:
+    """A field value for JSON logs only, e.g. the whole resolved config: written in full there, and as
+    ``note`` on a readable line, where a person wants the short fields of the same event instead."""
+
+    def __init__(self, value: Any, note: str = "(in the JSON log)") -> None:
+        self.value, self.note = value, note
+
+
+def _json_only_for(json_logs: bool) -> Any:
+    def processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        return {k: (v.value if json_logs else v.note) if isinstance(v, JsonOnly) else v for k, v in event.items()}
+    return processor
+
+
 class _CurrentStderr(progress.LineWriter):
     """Writes to whatever ``sys.stderr`` is at each call: callers that swap it (test runners capturing
     output, tools embedding the CLI) must not leave the logger holding a closed stream. While progress bars
@@ -182,6 +196,7 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _json_only_for(json_logs),
             _redact_processor,
             *([] if json_logs else [_round_for_people]),
             structlog.processors.format_exc_info,
