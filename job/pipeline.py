@@ -15,7 +15,7 @@ from job.checkpoints import Checkpointer
 from job.config import JobConfig, load_config
 from job.evals.in_job import load_job_benchmarks, score_job_benchmarks
 from job.lifecycle import FencedStore, Lease, Preemption, disk_full_is_transient
-from job.resolve import open_run, record_config
+from job.resolve import check_local_inputs, open_run, record_config
 from job.tokenizer import guard_texts, save_tokenizer
 from job.trackers import Trackers
 from registry.logs import JsonOnly, get_logger
@@ -55,6 +55,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
     log.info("config.resolved", **_config_summary(cfg),
              config=JsonOnly(cfg.to_dict(), "(all keys: --dry-run, the JSON log, runs/<id>/config.yaml)"))
     run = open_run(cfg)
+    data.check_source(cfg)  # local paths (relative to the current directory) fail here, in --dry-run too
+    check_local_inputs(cfg)
     trackers = Trackers(cfg, run)  # train.report_to: refuses a tracker that is not installed (exit 2)
     model.check_weights_plan(cfg)
     if dry_run:
