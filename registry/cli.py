@@ -16,9 +16,7 @@ from typing import Any
 
 import click
 
-from registry.compare import format_score, text_table
 from registry.names import ARTIFACTS, DEFAULT_STORE
-from registry.records import dump
 from registry.registry import Registry
 from registry.store import Store, open_store
 from registry.versions import ModelVersion
@@ -62,61 +60,64 @@ def registry_group() -> None:
 @registry_group.command("list")
 @store_options
 @click.option("--name", default=None, help="Only this model's versions.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, as_json: bool) -> None:
+@click.option("--wide", is_flag=True, help="Also the base model and artifacts, past 100 columns.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (every field, every digit).")
+def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, wide: bool, as_json: bool) -> None:
     """List registered model versions.
 
-    A corrupt record does not hide the others: they are listed, then the first corrupt one is named (exit 3).
+    \b
+    A store (or --registry) that does not exist, or a --name the registry does not hold, exits 4 naming the
+    known models; an existing registry with no versions lists nothing (exit 0). A corrupt record does not hide
+    the others: they are listed, then the first corrupt one is named (exit 3).
     """
     from registry.errors import DataError
+    from registry.views import check_exists, unknown_name, version_table
 
-    _, reg = _open(store_uri, registry_uri)
+    store, reg = _open(store_uri, registry_uri)
+    check_exists(store, reg, registry_given=bool(registry_uri))
     versions, corrupt = reg.scan(name)
+    if name is not None and not versions and not corrupt:
+        raise unknown_name(reg, name)
     if as_json:
         _echo_json([mv.to_dict() for mv in versions])
     elif not versions:
-        click.echo(f"no model versions in {reg.uri}" + (f" named {name}" if name else ""))
+        click.echo(f"no model versions in {reg.uri}")
     else:
-        rows = [[mv.name, str(mv.version), ",".join(mv.aliases) or "-", mv.created_at, mv.run_id, _base(mv),
-                 _metric(mv, "eval_loss_after", "eval_loss", "train_loss"), ",".join(sorted(mv.artifacts))]
-                for mv in versions]
-        click.echo(text_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
-                                     "ARTIFACTS"]))
+        click.echo(version_table(versions, wide=wide))
     if corrupt:
         more = f" (and {len(corrupt) - 1} more corrupt record(s))" if len(corrupt) > 1 else ""
         raise DataError(f"{corrupt[0].message}{more}")
 
 
-def _show_text(mv: ModelVersion) -> str:
-    lines = [f"{mv.name}:{mv.version}" + (f"  ({', '.join('@' + a for a in mv.aliases)})" if mv.aliases else ""),
-             f"  created      {mv.created_at}", f"  run          {mv.run_id}", f"  run uri      {mv.run_uri}"]
-    if mv.description:
-        lines.append(f"  description  {mv.description}")
-    for art, spec in sorted(mv.artifacts.items()):
-        lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
-    for p in mv.pushes:
-        lines.append(f"  pushed       hf://{p.repo}@{p.revision}  commit {p.commit}  ({p.artifact}, {p.pushed_at})")
-    for e in mv.evaluations:
-        scores = ", ".join(f"{name} {format_score(dump(s))}" for name, s in (e.benchmarks or {}).items())
-        lines.append(f"  evaluated    {scores or '-'}  ({e.artifact}, {e.evaluated_at}, by {e.by or '?'})")
-    for title, d in (("base model", mv.base_model), ("dataset", mv.dataset), ("metrics", mv.metrics),
-                     ("environment", mv.environment), ("tags", mv.tags)):
-        if d:
-            lines.append(f"  {title}:")
-            lines += [f"    {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}"
-                      for k, v in d.items()]
-    return "\n".join(lines)
+def _run_answers(store: Store, mv: ModelVersion) -> dict[str, Any] | None:
+    """The eval answers before and after training, from the version's run manifest (None when unreadable:
+    ``show`` still shows the version; ``registry verify`` is where a damaged run is judged)."""
+    from registry.errors import MedftError
+    from registry.runs import manifest_record, read_manifest
+
+    try:
+        return manifest_record(read_manifest(store, mv.run_uri), mv.run_uri).answers
+    except MedftError:
+        return None
 
 
 @registry_group.command("show")
 @click.argument("ref")
 @store_options
-@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON (every digit).")
 def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool) -> None:
-    """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS."""
-    _, reg = _open(store_uri, registry_uri)
+    """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS.
+
+    Text: rounded figures in sections (results before and after training, the eval answers, the plan);
+    --json: the version's record as stored.
+    """
+    from registry.views import check_exists, version_text
+
+    store, reg = _open(store_uri, registry_uri)
+    check_exists(store, reg, registry_given=bool(registry_uri))
     mv = reg.get(ref)
-    click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json else _show_text(mv))
+    click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json
+               else version_text(mv, _run_answers(store, mv)))
 
 
 ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged",
