@@ -115,6 +115,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         outputs = {"adapter": out / "adapter"}
         with stage("export"), disk_full_is_transient(out, "writing the adapter and merged weights"):
             peft_model.save_pretrained(outputs["adapter"])
+            export.make_adapter_portable(outputs["adapter"], cfg.model.base, cfg.model.revision)  # names the base, not our cache
             # Written so that plain AutoTokenizer (transformers, vLLM) rebuilds the ids training used.
             probe = [text for _, text in guard_texts(prepared.used_rows[:2], cfg.data.template, tokenizer)]
             save_tokenizer(tokenizer, outputs["adapter"], probe)
@@ -139,13 +140,13 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         lineage = Lineage(base_model=weights.lineage(), dataset=data.used_identity(identity, prepared).to_dict(),
                           merge_base=merge_weights.lineage() if cfg.model.merge_base else None)
         answers = {"before": before["answers"], "after": after["answers"]}
-        card = export.model_card(cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
-                                 loss_series=loss_curve.SERIES)
         with disk_full_is_transient(out, "writing the model card"):
             loss_curve.write(loss_curve.series(result.loss_history, before["eval_loss"], after["eval_loss"],
                                                result.steps), outputs.values())
-            for local in outputs.values():
-                (local / "README.md").write_text(card)
+            for artifact, local in outputs.items():
+                (local / "README.md").write_text(export.model_card(
+                    cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
+                    loss_series=loss_curve.SERIES, artifact=artifact))
         boundary("before publishing")
         with stage("publish"):
             record = RunRecord(artifacts={k: k for k in outputs}, lineage=lineage, metrics=metrics,
