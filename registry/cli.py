@@ -70,11 +70,13 @@ def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, wide: b
     known models; an existing registry with no versions lists nothing (exit 0). A corrupt record does not hide
     the others: they are listed, then the first corrupt one is named (exit 3).
     """
-    from registry.errors import DataError
-    from registry.views import check_exists, unknown_name, version_table
+    from registry.errors import DataError, NotFoundError
+    from registry.views import missing_store, unknown_name, version_table
 
     store, reg = _open(store_uri, registry_uri)
-    check_exists(store, reg, registry_given=bool(registry_uri))
+    missing = missing_store(store, reg, registry_given=bool(registry_uri))
+    if missing:
+        raise NotFoundError(missing)
     versions, corrupt = reg.scan(name)
     if name is not None and not versions and not corrupt:
         raise unknown_name(reg, name)
@@ -111,11 +113,17 @@ def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool) 
     Text: rounded figures in sections (results before and after training, the eval answers, the plan);
     --json: the version's record as stored.
     """
-    from registry.views import check_exists, version_text
+    from registry.errors import NotFoundError
+    from registry.views import missing_store, version_text
 
     store, reg = _open(store_uri, registry_uri)
-    check_exists(store, reg, registry_given=bool(registry_uri))
-    mv = reg.get(ref)
+    try:
+        mv = reg.get(ref)
+    except NotFoundError as e:
+        missing = missing_store(store, reg, registry_given=bool(registry_uri))
+        if missing and type(e) is NotFoundError:
+            raise NotFoundError(f"{e.message}: {missing}") from None
+        raise
     click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json
                else version_text(mv, _run_answers(store, mv)))
 

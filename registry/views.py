@@ -1,9 +1,8 @@
 """What ``registry list`` and ``registry show`` print for a person: rounded figures in short sections, a table
 that fits 100 columns. ``--json`` prints the records themselves, every digit kept; nothing here is parsed back.
 
-Also the "does it exist" answers both commands give before reading: a store or registry folder that is not
-there, and a model name the registry does not hold, are :class:`NotFoundError` (exit 4) rather than an empty
-listing.
+Also the "does it exist" answers both commands give: a store or registry folder that is not there, and a model
+name the registry does not hold, are :class:`NotFoundError` (exit 4) rather than an empty listing.
 """
 
 from __future__ import annotations
@@ -24,14 +23,15 @@ TABLE_COLUMNS = 100
 _ANSWER_CHARS = 240  # of each before/after answer in `show`; the model card has them whole
 
 
-def check_exists(store: Store, reg: Registry, registry_given: bool) -> None:
-    """NotFoundError (exit 4) when a local store (or ``--registry`` folder) does not exist: a typo in
-    ``--store`` must not read as an empty registry. A store that exists but holds no registry yet is empty, not
-    missing. An S3 bucket that does not exist is refused by the store itself on the first request."""
+def missing_store(store: Store, reg: Registry, registry_given: bool) -> str | None:
+    """Why nothing can be there, when a local store (or ``--registry`` folder) does not exist: a typo in
+    ``--store`` must not read as an empty registry. None when it exists (a store that holds no registry yet is
+    empty, not missing). An S3 bucket that does not exist is refused by the store on the first request."""
     target = reg.store if registry_given else store
     if isinstance(target, LocalStore) and not Path(target.uri).is_dir():
         what = "registry" if registry_given else "store"
-        raise NotFoundError(f"{what} {target.uri} does not exist; check --{what} (or MEDFT_{what.upper()})")
+        return f"{what} {target.uri} does not exist; check --{what} (or MEDFT_{what.upper()})"
+    return None
 
 
 def unknown_name(reg: Registry, name: str) -> NotFoundError:
