@@ -97,8 +97,8 @@ def _section(title: str, lines: list[str]) -> list[str]:
     return ["", title, *lines] if lines else []
 
 
-def _pairs(items: list[tuple[str, str]]) -> list[str]:
-    width = max((len(k) for k, _ in items), default=0)
+def _pairs(items: list[tuple[str, str]], min_width: int = 0) -> list[str]:
+    width = max([min_width, *(len(k) for k, _ in items)])
     return [f"  {k.ljust(width)}  {v}" for k, v in items]
 
 
@@ -114,7 +114,7 @@ def _results(m: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("eval loss", f"{_loss(m.get('eval_loss_before'))} -> {_loss(m.get('eval_loss_after'))} "
                                  "(before -> after training)"))
     if m.get("train_loss") is not None:
-        out.append(("train loss", f"{_loss(m['train_loss'])} after {_number(m.get('steps'))} steps"
+        out.append(("train loss", _loss(m["train_loss"]) + (f" after {m['steps']:,} steps" if m.get("steps") else "")
                     + (f", resumed at step {m['resumed_from_step']}" if m.get("resumed_from_step") else "")))
     speed = [f"{round(m['tokens_per_s']):,} tokens/s" if m.get("tokens_per_s") else "",
              f"{_number(m['trained_tokens'])} tokens trained" if m.get("trained_tokens") else ""]
@@ -202,7 +202,7 @@ def version_text(mv: ModelVersion, answers: dict[str, Any] | None = None) -> str
         lines += _section("Data", _pairs([("source", str(d.get("source") or "-") + (f" ({where})" if where else "")),
                                           ("rows", rows),
                                           ("sha256", str(d.get("content_sha256") or "-")[:16] + "…")]))
-    lines += _section("Results", _pairs(_results(mv.metrics)))
+    lines += _section("Results", _pairs(_results(mv.metrics), min_width=11))
     lines += _section("Answers to eval.questions, before -> after training", _answers(answers))
     lines += _section("Training plan", _pairs(_plan(mv.metrics)))
     env = {k: v for k, v in mv.environment.items() if v not in (None, "")}
