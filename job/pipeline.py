@@ -53,7 +53,7 @@ def _config_summary(cfg: JobConfig) -> dict[str, object]:
 def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = False) -> None:
     cfg = load_config(config_path, overrides)
     log.info("config.resolved", **_config_summary(cfg),
-             config=JsonOnly(cfg.to_dict(), "(all keys: --dry-run, the JSON log, runs/<id>/config.yaml)"))
+             config=JsonOnly(cfg.to_dict(), "(all keys: --dry-run)"))
     run = open_run(cfg)
     data.check_source(cfg)  # local paths (relative to the current directory) fail here, in --dry-run too
     check_local_inputs(cfg)
