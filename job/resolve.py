@@ -44,7 +44,7 @@ def open_run(cfg: JobConfig) -> Run:
 
 
 def _relative_note(path: str) -> str:
-    return "" if Path(path).expanduser().is_absolute() else f" (relative paths are from the current directory, {Path.cwd()})"
+    return "" if Path(path).expanduser().is_absolute() else f"; check the path (relative paths are from {Path.cwd()})"
 
 
 def check_local_inputs(cfg: JobConfig) -> None:
