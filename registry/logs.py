@@ -93,7 +93,7 @@ class _CurrentStderr(progress.LineWriter):
 
 
 #: Longest rendering of a mapping or list on a readable line; longer ones are cut (JSON logs keep them whole).
-_READABLE_VALUE_CHARS = 120
+_READABLE_VALUE_CHARS = 80
 
 
 def _readable_value(value: Any) -> str:
