@@ -39,19 +39,6 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _metric(mv: ModelVersion, *names: str) -> str:
-    for n in names:
-        v = mv.metrics.get(n)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{v:.4g}"
-    return "-"
-
-
-def _base(mv: ModelVersion) -> str:
-    b = mv.base_model
-    return str(b.get("uri") or b.get("name") or b.get("source") or "-")
-
-
 @click.group("registry")
 def registry_group() -> None:
     """Find, register, alias, download and push model versions (refs: NAME, NAME:VERSION, NAME@ALIAS)."""
