@@ -110,7 +110,7 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def _results(m: dict[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    if "eval_loss_after" in m or "eval_loss_before" in m:
+    if _loss(m.get("eval_loss_before")) != "-" or _loss(m.get("eval_loss_after")) != "-":
         out.append(("eval loss", f"{_loss(m.get('eval_loss_before'))} -> {_loss(m.get('eval_loss_after'))} "
                                  "(before -> after training)"))
     if m.get("train_loss") is not None:
