@@ -132,12 +132,15 @@ class _ReadableRenderer:
         return line + (f"\n{exc}" if exc else "")
 
 
-# Progress-bar switches of the libraries medft drives (transformers' "Loading weights" reads huggingface_hub's,
-# TRL's dataset passes datasets'). Read when each library is imported, which the CLI does only inside a command.
-_LIBRARY_BAR_SWITCHES = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+# The progress-bar switch of datasets (TRL's "Truncating train dataset" and "Dropping fully masked examples" are
+# datasets passes), read when it is imported, which the CLI does only inside a command. transformers' bars
+# ("Loading weights") are turned off in route_library_logs; huggingface_hub's download bars stay: a person waits
+# for those downloads.
+_LIBRARY_BAR_SWITCHES = ("HF_DATASETS_DISABLE_PROGRESS_BARS",)
 _switched_off: list[str] = []  # the ones configure() set, so --verbose can give them back
 _library_handler: logging.Handler | None = None
 _readable = False
+_verbose = False
 
 
 def _quiet_libraries(quiet: bool) -> None:
@@ -159,6 +162,8 @@ def readable() -> bool:
 def set_verbose(verbose: bool) -> None:
     """``medft --verbose``: on readable logs, show library warnings and progress bars too (default: only their
     errors). JSON logs always hold every library warning, so this changes nothing off a terminal."""
+    global _verbose
+    _verbose = verbose
     if not _readable:
         return
     _quiet_libraries(not verbose)
@@ -222,7 +227,8 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
 
 
 def route_library_logs() -> None:
-    """Send transformers' log records through the handler :func:`configure` set up.
+    """Send transformers' log records through the handler :func:`configure` set up, and on readable logs (unless
+    ``--verbose``) turn its progress bars off.
 
     transformers writes through a stderr handler of its own (``[transformers] ...``), which would put plain
     text between the JSON lines. Imports ``transformers.utils.logging`` (not torch): call it only from
@@ -232,6 +238,9 @@ def route_library_logs() -> None:
 
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
+    if _readable and not _verbose and hasattr(transformers_logging, "set_tqdm_hook"):
+        # Its own bars ("Loading weights") only, not huggingface_hub's, which disable_progress_bar() would stop too.
+        transformers_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
 
 
 def route_stdlib_logger(name: str) -> None:
