@@ -47,7 +47,10 @@ def run_in_terminal(*args: str, env: dict[str, str], columns: int = 100, rows: i
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = {**env, "COLUMNS": str(columns), "LINES": str(rows), "TERM": "xterm-256color"}
-    env.pop("MEDFT_LOG_FORMAT", None)  # the terminal decides, as it does for a person
+    # The terminal decides, as it does for a person; bar switches an in-process CLI call of the test session
+    # may have left in os.environ (JSON logs set them) would hide what is being checked.
+    for name in ("MEDFT_LOG_FORMAT", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
     proc = subprocess.Popen([sys.executable, "-m", "job.cli", *args], cwd=ROOT, env=env, stdin=child,
                             stdout=child, stderr=child, close_fds=True)
     os.close(child)
