@@ -199,8 +199,7 @@ def _model_index(name: str, after: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(score, dict) or not isinstance(score.get("accuracy"), (int, float)):
             continue
         spec = BENCHMARKS.get(bench)
-        dataset: dict[str, Any] = {"name": spec.title if spec else bench,
-                                   "type": _hub_id("hf://" + spec.dataset) if spec else bench}
+        dataset: dict[str, Any] = {"name": spec.title if spec else bench, "type": spec.dataset if spec else bench}
         if spec is not None:
             dataset["split"] = spec.split
             if spec.subset:
@@ -218,14 +217,15 @@ def _model_index(name: str, after: dict[str, Any]) -> list[dict[str, Any]]:
 
 def card_front_matter(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any], artifact: str) -> str:
     """The card's YAML front matter, as the Hugging Face Hub reads it: ``base_model`` (the Hub id of the base,
-    when it is an ``hf://`` one) with its relation, ``datasets`` (an ``hf://`` training set), ``library_name``
-    (``peft`` for the adapter, ``transformers`` for the merged weights), ``pipeline_tag`` and the benchmark
-    scores as ``model-index``."""
+    or for the merged weights of ``model.merge_base`` when set; only for an ``hf://`` one) with its relation,
+    ``datasets`` (an ``hf://`` training set), ``library_name`` (``peft`` for the adapter, ``transformers`` for
+    the merged weights), ``pipeline_tag`` and the benchmark scores as ``model-index``."""
     import yaml
 
     meta: dict[str, Any] = {"license": "apache-2.0"}
-    base = _hub_id((lineage.get("merge_base") or {}).get("uri") if artifact == "merged" else None) or _hub_id(
-        lineage["base_model"]["uri"])
+    # The merged weights come from model.merge_base when there is one (a pre-quantized base cannot be merged into).
+    source = lineage.get("merge_base") if artifact == "merged" and lineage.get("merge_base") else lineage["base_model"]
+    base = _hub_id(source.get("uri"))
     if base:
         meta["base_model"] = base
         meta["base_model_relation"] = "adapter" if artifact == "adapter" else "finetune"

@@ -43,8 +43,10 @@ def open_run(cfg: JobConfig) -> Run:
     return Run(cfg=cfg, run_id=run_id, store=store, run_store=store.child(run_prefix(run_id)), work_dir=work_dir)
 
 
-def _relative_note(path: str) -> str:
-    return "" if Path(path).expanduser().is_absolute() else f"; check the path (relative paths are from {Path.cwd()})"
+def _relative_note(uri: str) -> str:
+    """For a relative plain path, where it was looked up from (the current directory); nothing otherwise."""
+    relative = parse_uri(uri).scheme == "" and not Path(uri).expanduser().is_absolute()
+    return f"; check the path (relative paths are from {Path.cwd()})" if relative else ""
 
 
 def check_local_inputs(cfg: JobConfig) -> None:
@@ -61,10 +63,10 @@ def check_local_inputs(cfg: JobConfig) -> None:
         if uri and (parse_uri(uri).is_local or parse_uri(uri).scheme == "pkg") and not resolve_local(uri).exists():
             raise NotFoundError(f"{key}: {uri}: no such file or directory{_relative_note(uri)}")
     for name in cfg.eval.benchmarks or ():
-        source_file = (cfg.eval.benchmark_sources.get(name) or None) and cfg.eval.benchmark_sources[name].file
-        if source_file and not Path(source_file).expanduser().is_file():
-            raise NotFoundError(f"eval.benchmark_sources.{name}.file: {source_file}: no such file"
-                                f"{_relative_note(source_file)}")
+        source = cfg.eval.benchmark_sources.get(name)
+        if source is not None and source.file and not Path(source.file).expanduser().is_file():
+            raise NotFoundError(f"eval.benchmark_sources.{name}.file: {source.file}: no such file"
+                                f"{_relative_note(source.file)}")
 
 
 def record_config(run: Run, store: Store | None = None) -> None:

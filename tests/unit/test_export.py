@@ -181,3 +181,18 @@ def test_model_card_names_the_data_without_empty_settings(dataset: dict, line: s
     lineage = {"base_model": {"uri": "hf://org/base"}, "dataset": {**dataset, "rows": 10, "content_sha256": "b" * 64}}
     card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
     assert line in card and "None" not in card.split("## Recipe")[0]
+
+
+def test_the_merged_card_names_the_merge_base_the_adapter_card_the_trained_base() -> None:
+    """A pre-quantized base is trained on but cannot be merged into: the merged weights come from
+    ``model.merge_base``, and that is the base their card links to."""
+    import yaml
+
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": "hf://unsloth/base-bnb-4bit"}, "merge_base": {"uri": "hf://org/base"},
+               "dataset": {"source": "hf://org/data", "rows": 1, "content_sha256": "b" * 64}}
+    cfg = load_config(None, env={})
+    fronts = {art: yaml.safe_load(model_card(cfg, lineage, {}, {}, artifact=art).split("---\n")[1])
+              for art in ("adapter", "merged")}
+    assert fronts["adapter"]["base_model"] == "unsloth/base-bnb-4bit" and fronts["merged"]["base_model"] == "org/base"
