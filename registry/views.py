@@ -55,6 +55,12 @@ def _when(stamp: str, *, seconds: bool = False) -> str:
     return text + (" UTC" if seconds else "")
 
 
+def _printable(text: Any) -> str:
+    """``text`` on one line without control characters: what a record or a model wrote must not move the
+    terminal's cursor or change its colours (ESC sequences), whoever wrote the record."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+
+
 def _cut(text: str, width: int) -> str:
     """``text`` in ``width`` characters, its middle replaced by ``…`` when longer (both ends name things)."""
     if len(text) <= width:
@@ -165,9 +171,9 @@ def _answers(answers: dict[str, Any] | None) -> list[str]:
         b = before[n] if n < len(before) and isinstance(before[n], dict) else {}
         a = after[n] if n < len(after) and isinstance(after[n], dict) else {}
         question = str(a.get("question") or b.get("question") or "")
-        lines.append(f"  Q{n + 1}  {_cut(' '.join(question.split()), _ANSWER_CHARS // 2)}")
+        lines.append(f"  Q{n + 1}  {_cut(_printable(question), _ANSWER_CHARS // 2)}")
         for label, answer in (("before", b), ("after", a)):
-            text = " ".join(str(answer.get("output") or "-").split())
+            text = _printable(answer.get("output") or "-")
             lines.append(f"      {label:<6}  {_cut(text, _ANSWER_CHARS)}")
     return lines
 
@@ -180,7 +186,7 @@ def version_text(mv: ModelVersion, answers: dict[str, Any] | None = None) -> str
     lines = [head, f"  created      {_when(mv.created_at, seconds=True)}", f"  run          {mv.run_id}",
              f"  run uri      {mv.run_uri}"]
     if mv.description:
-        lines.append(f"  description  {mv.description}")
+        lines.append(f"  description  {_printable(mv.description)}")
     for art, spec in sorted(mv.artifacts.items()):
         lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
     for p in mv.pushes:
@@ -209,6 +215,6 @@ def version_text(mv: ModelVersion, answers: dict[str, Any] | None = None) -> str
     if env:
         lines += _section("Environment", ["  " + ", ".join(f"{k} {v}" for k, v in env.items())])
     if mv.tags:
-        lines += _section("Tags", _pairs([(k, str(v)) for k, v in sorted(mv.tags.items())]))
+        lines += _section("Tags", _pairs([(_printable(k), _printable(v)) for k, v in sorted(mv.tags.items())]))
     lines += ["", "Every figure in full: --json"]
     return "\n".join(lines)

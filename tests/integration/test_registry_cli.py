@@ -220,7 +220,7 @@ def _long_record() -> dict[str, Any]:
         benchmarks_after={"medqa": {"accuracy": 0.6123456, "interval": [0.54, 0.68], "scored": 200}})
     record["answers"] = {"before": [{"question": "What causes anemia?", "output": "<think>\nno idea</think> Blood."}],
                          "after": [{"question": "What causes anemia?",
-                                    "output": "<think>\nIron deficiency is common.</think> Iron deficiency."}]}
+                                    "output": "<think>\nIron deficiency is common.</think> Iron deficiency.\x1b[2J"}]}
     return record
 
 
@@ -241,6 +241,7 @@ def test_show_is_rounded_sections_with_the_answers_and_json_keeps_every_digit(
     assert "before  <think> no idea</think> Blood." in out and "after   <think> Iron deficiency is common.</think>" in out
     assert "precision               fp32  (no CUDA: CPU training runs in float32)" in out
     assert "None" not in out and "{" not in out  # no Python None, no inline JSON
+    assert "\x1b" not in out  # a record's text cannot clear the screen
     assert not re.search(r"\d\.\d{6,}", out)  # no 16-digit floats
     code, out, _ = run_main(["registry", "show", "med@prod", "--json"], capsys)
     metrics = json.loads(out)["metrics"]
