@@ -7,6 +7,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from tests.cli import error_lines, run_main
 from tests.terminal import ROOT, run_in_terminal, without_clock
 
 
@@ -44,3 +47,13 @@ def test_registry_show_at_a_terminal_is_the_summary_alone(tmp_path: Path,
     code, screen = run_in_terminal("registry", "show", "med:9", "--store", store, env=env)
     assert (code, screen) == (4, f"medft: error: model ref 'med:9' not found: no version 9 of 'med' in registry "
                                  f"{store}/registry")
+
+
+def test_verbose_goes_before_any_command_or_after_those_that_drive_the_libraries(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = ["--dry-run", "--config", "configs/demo.yaml", "--set", "data.source=missing/rows.jsonl",
+               "--set", f"output.store={tmp_path / 'store'}"]
+    for argv in (["--verbose", "train", *missing], ["train", "-v", *missing],
+                 ["-v", "registry", "list", "--store", str(tmp_path / "nowhere")]):
+        code, _, err = run_main(argv, capsys)
+        assert code == 4 and len(error_lines(err)) == 1, (argv, err)  # parsed, then the missing path: exit 4
