@@ -22,22 +22,38 @@ CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay
                              help="YAML job config (see configs/). Defaults apply to missing keys.")
 SET_OPTION = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override one key, e.g. --set train.max_steps=10 (repeatable).")
+_VERBOSE_HELP = "On a terminal, also show the libraries' warnings and progress bars (JSON logs always keep them)."
+
+
+def _verbose(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        logs.set_verbose(True)
+
+
+# The commands that drive the libraries take --verbose after their name too (`medft train --verbose`).
+VERBOSE_OPTION = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
+                              help=_VERBOSE_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="medft")
-def cli() -> None:
+@click.option("--verbose", "-v", is_flag=True, help=_VERBOSE_HELP)
+def cli(verbose: bool) -> None:
     """medft: fine-tune DeepSeek-R1-Distill models into medical reasoning assistants.
 
     \b
+    stdout holds each command's result (summary, table, answer, JSON with --json);
+    stderr holds logs, progress and errors (one line: medft: error: ...).
     Exit codes: 0 ok, 2 bad usage or config, 3 bad data, 4 not found, 5 access refused,
     75 transient (retry), 143 stopped by SIGTERM after a checkpoint, 1 a bug (with traceback).
     """
+    logs.set_verbose(verbose)
 
 
 @cli.command()
 @CONFIG_OPTION
 @SET_OPTION
+@VERBOSE_OPTION
 @click.option("--dry-run", is_flag=True,
               help="Resolve and validate everything, print the config and the plan; touch no GPU or store.")
 def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
@@ -65,6 +81,7 @@ def _generation_options(fn):
                      help="Let a run folder's own model code run (auto_map, .py files): only for a run folder "
                           "URI whose base was pinned to this 40-hex commit sha; refused for registry refs. "
                           "Never taken from a record."),
+        VERBOSE_OPTION,
     )):
         fn = option(fn)
     return store_options(fn)
@@ -135,6 +152,7 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged", show_default=True,
               help="For REF: the merged weights, or the base model with the adapter applied.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@VERBOSE_OPTION
 @click.option("--record", is_flag=True,
               help="Append the scores to REF's registry version, where `registry compare` and the alias gate "
                    "read them (REF must be NAME, NAME:VERSION or NAME@ALIAS).")
@@ -169,6 +187,7 @@ def data() -> None:
 @data.command("validate")
 @CONFIG_OPTION
 @SET_OPTION
+@VERBOSE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--tokenizer/--no-tokenizer", default=True,
               help="Measure token lengths with model.base's tokenizer (default; skipped if it cannot be had).")
@@ -202,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="medft", standalone_mode=False)
     except MedftError as e:
-        logs.get_logger("medft").error("failed", error=e.message, exit_code=e.exit_code)
+        if not logs.readable():  # JSON logs keep the failure as an event; a person reads the one line below
+            logs.get_logger("medft").error("failed", error=e.message, exit_code=e.exit_code)
         click.echo(f"medft: error: {logs.redact(e.message)}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:

@@ -10,6 +10,7 @@ A key given twice in one YAML mapping is refused (YAML itself would keep the las
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import reprlib
@@ -443,13 +444,40 @@ _SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
 _SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
 
 
+def _known_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a config may set (``train.max_steps``, ``data.columns.question``...), sections too."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = prefix + name
+        keys.append(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _known_keys(field.annotation, dotted + ".")
+    return keys
+
+
+def _nearest_key(key: str) -> str | None:
+    """The known key an unknown ``key`` most likely meant: a typo within its section (``train.max_step``),
+    else a key of the same name in another section (``max_steps``, ``lora.max_steps``), else None."""
+    known = [k for k in _known_keys() if not key.startswith(k + ".")]  # never the key's own section
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    found = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if found:
+        return siblings[found[0]]
+    anywhere = {k.rpartition(".")[2]: k for k in known if "." in k}
+    found = difflib.get_close_matches(leaf, list(anywhere), n=1, cutoff=0.8)
+    return anywhere[found[0]] if found else None
+
+
 def _first_error(e: ValidationError, origins: dict[str, str]) -> ConfigError:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     origin = _origin_of(origins, key) if err["loc"] else origins.get("", "config")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key; see the configuration reference in README.md"
+        nearest = _nearest_key(key)
+        msg = (f"unknown key; did you mean {nearest}?" if nearest
+               else "unknown key; see the configuration reference in README.md")
     elif "input" in err and err["type"] not in ("missing", "value_error"):
         msg = f"{msg} (got {_SHORT_REPR.repr(err['input'])})"
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""

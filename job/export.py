@@ -166,10 +166,80 @@ def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: 
     return result
 
 
-def _hub_base_model(uri: str) -> list[str]:
-    """The card's ``base_model:`` line: the Hub reads it as a repo id, so it is written only for an ``hf://``
-    base (``org/name``); a local, ``s3://``, ``ms://`` or ``pkg://`` base is named in the text instead."""
-    return [f"base_model: {uri.removeprefix('hf://')}"] if uri.startswith("hf://") else []
+def public_id(uri: str) -> str:
+    """How another machine names a model or dataset: ``hf://org/name`` is the Hub's ``org/name``; any other URI
+    (``ms://``, ``s3://``, a ``pkg://`` file, a path) as given, never the cache folder it was pulled into."""
+    return uri.removeprefix("hf://") if uri.startswith("hf://") else uri
+
+
+def make_adapter_portable(adapter_dir: Path, base_uri: str, revision: str | None = None) -> None:
+    """Rewrite ``adapter_config.json``'s ``base_model_name_or_path`` (PEFT writes the local folder it loaded the
+    base from: a cache path no other machine has) to :func:`public_id` of the base, so ``PeftModel`` and the Hub
+    find the base anywhere. medft itself never reads it as a path: :func:`job.inference.loading.load` pulls the
+    base the version's record names into the cache and applies the adapter to that."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = public_id(base_uri)
+    if revision and base_uri.startswith("hf://"):
+        config["revision"] = revision  # PEFT's AutoPeftModel loads the base at this revision
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _hub_id(uri: str | None) -> str | None:
+    """``org/name`` for an ``hf://`` URI: the only kind of name the Hub's card metadata can link to."""
+    return uri.removeprefix("hf://").strip("/") if uri and uri.startswith("hf://") else None
+
+
+def _model_index(name: str, after: dict[str, Any]) -> list[dict[str, Any]]:
+    """The benchmark scores after training in the Hub's evaluation-results format (``model-index``), so the
+    Hub shows them on the model page: accuracy in percent, one result per benchmark, not verified by the Hub."""
+    from job.medical_benchmarks import BENCHMARKS
+
+    results = []
+    for bench, score in after.items():
+        if not isinstance(score, dict) or not isinstance(score.get("accuracy"), (int, float)):
+            continue
+        spec = BENCHMARKS.get(bench)
+        dataset: dict[str, Any] = {"name": spec.title if spec else bench, "type": spec.dataset if spec else bench}
+        if spec is not None:
+            dataset["split"] = spec.split
+            if spec.subset:
+                dataset["config"] = spec.subset
+        if score.get("revision"):
+            dataset["revision"] = score["revision"]
+        results.append({"task": {"type": "text-generation", "name": "Medical multiple-choice QA (generative)"},
+                        "dataset": dataset,
+                        "metrics": [{"type": "accuracy", "value": round(100 * score["accuracy"], 2),
+                                     "name": f"accuracy (greedy, {score.get('scored', '?')} questions, "
+                                             f"{score.get('max_new_tokens', '?')} new tokens)",
+                                     "verified": False}]})
+    return [{"name": name, "results": results}] if results else []
+
+
+def card_front_matter(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any], artifact: str) -> str:
+    """The card's YAML front matter, as the Hugging Face Hub reads it: ``base_model`` (the Hub id of the base,
+    or for the merged weights of ``model.merge_base`` when set; only for an ``hf://`` one) with its relation,
+    ``datasets`` (an ``hf://`` training set), ``library_name`` (``peft`` for the adapter, ``transformers`` for
+    the merged weights), ``pipeline_tag`` and the benchmark scores as ``model-index``."""
+    import yaml
+
+    meta: dict[str, Any] = {"license": "apache-2.0"}
+    # The merged weights come from model.merge_base when there is one (a pre-quantized base cannot be merged into).
+    source = lineage.get("merge_base") if artifact == "merged" and lineage.get("merge_base") else lineage["base_model"]
+    base = _hub_id(source.get("uri"))
+    if base:
+        meta["base_model"] = base
+        meta["base_model_relation"] = "adapter" if artifact == "adapter" else "finetune"
+    dataset = _hub_id(lineage["dataset"].get("source"))
+    if dataset:
+        meta["datasets"] = [dataset]
+    meta["library_name"] = "peft" if artifact == "adapter" else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["medical", "reasoning", "lora", "medft"]
+    index = _model_index(cfg.output.model_name, metrics.get("benchmarks_after") or {})
+    if index:
+        meta["model-index"] = index
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
 
 
 def _merged_into(merge_base: dict[str, Any] | None) -> str:
@@ -183,16 +253,16 @@ def _merged_into(merge_base: dict[str, Any] | None) -> str:
 
 def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
                answers: dict[str, list[dict[str, str]]], *, loss_image: str | None = None,
-               loss_series: str | None = None) -> str:
-    """The merged model's README.md: what it is, where it came from, how it scored, and its limits.
+               loss_series: str | None = None, artifact: str = "merged") -> str:
+    """An artifact's README.md (``artifact``: ``adapter`` or ``merged``): front matter the Hub reads
+    (:func:`card_front_matter`), what it is, where it came from, how it scored, and its limits.
 
     ``loss_image`` (and ``loss_series``, the plotted numbers) name files beside the card
     (:mod:`job.loss_curve`), shown under "Loss curve".
     """
     base, data = lineage["base_model"], lineage["dataset"]
     lines = [
-        "---", "license: apache-2.0", *_hub_base_model(base["uri"]),
-        "tags: [medical, reasoning, lora, medft]", "---", "",
+        card_front_matter(cfg, lineage, metrics, artifact), "",
         f"# {cfg.output.model_name}", "",
         f"A LoRA fine-tune of `{base['uri']}` (revision `{base.get('revision') or 'unpinned'}`) for step-by-step "
         "medical reasoning, trained and merged by medft. The model reasons inside `<think>...</think>` and then "

@@ -12,13 +12,13 @@ import click
 from job import data, evaluate, export, loss_curve, model, preflight, publish, train
 from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
-from job.config import load_config
+from job.config import JobConfig, load_config
 from job.evals.in_job import load_job_benchmarks, score_job_benchmarks
 from job.lifecycle import FencedStore, Lease, Preemption, disk_full_is_transient
-from job.resolve import open_run, record_config
+from job.resolve import check_local_inputs, open_run, record_config
 from job.tokenizer import guard_texts, save_tokenizer
 from job.trackers import Trackers
-from registry.logs import get_logger
+from registry.logs import JsonOnly, get_logger
 from registry.records import Lineage, RunMetrics, RunRecord, dump
 
 log = get_logger("medft.train")
@@ -44,10 +44,19 @@ def _rounded(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.3f}"
 
 
+def _config_summary(cfg: JobConfig) -> dict[str, object]:
+    """What a person checks first in a resolved config; the event keeps the whole config in JSON logs."""
+    return {"base": cfg.model.base, "data": cfg.data.source, "max_steps": cfg.train.max_steps,
+            "store": cfg.output.store, "model_name": cfg.output.model_name}
+
+
 def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = False) -> None:
     cfg = load_config(config_path, overrides)
-    log.info("config.resolved", config=cfg.to_dict())
+    log.info("config.resolved", **_config_summary(cfg),
+             config=JsonOnly(cfg.to_dict(), "(all keys: --dry-run)"))
     run = open_run(cfg)
+    data.check_source(cfg)  # local paths (relative to the current directory) fail here, in --dry-run too
+    check_local_inputs(cfg)
     trackers = Trackers(cfg, run)  # train.report_to: refuses a tracker that is not installed (exit 2)
     model.check_weights_plan(cfg)
     if dry_run:
@@ -106,6 +115,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         outputs = {"adapter": out / "adapter"}
         with stage("export"), disk_full_is_transient(out, "writing the adapter and merged weights"):
             peft_model.save_pretrained(outputs["adapter"])
+            export.make_adapter_portable(outputs["adapter"], cfg.model.base, cfg.model.revision)  # names the base, not our cache
             # Written so that plain AutoTokenizer (transformers, vLLM) rebuilds the ids training used.
             probe = [text for _, text in guard_texts(prepared.used_rows[:2], cfg.data.template, tokenizer)]
             save_tokenizer(tokenizer, outputs["adapter"], probe)
@@ -130,13 +140,13 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         lineage = Lineage(base_model=weights.lineage(), dataset=data.used_identity(identity, prepared).to_dict(),
                           merge_base=merge_weights.lineage() if cfg.model.merge_base else None)
         answers = {"before": before["answers"], "after": after["answers"]}
-        card = export.model_card(cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
-                                 loss_series=loss_curve.SERIES)
         with disk_full_is_transient(out, "writing the model card"):
             loss_curve.write(loss_curve.series(result.loss_history, before["eval_loss"], after["eval_loss"],
                                                result.steps), outputs.values())
-            for local in outputs.values():
-                (local / "README.md").write_text(card)
+            for artifact, local in outputs.items():
+                (local / "README.md").write_text(export.model_card(
+                    cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
+                    loss_series=loss_curve.SERIES, artifact=artifact))
         boundary("before publishing")
         with stage("publish"):
             record = RunRecord(artifacts={k: k for k in outputs}, lineage=lineage, metrics=metrics,

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from job.config import JobConfig
 from job.lifecycle import Run, lease_seconds
-from job.paths import cache_root
-from registry.errors import ConfigError, DataError
+from job.paths import cache_root, resolve_local
+from registry.errors import ConfigError, DataError, NotFoundError
 from registry.redact import redact_urls
 from registry.runs import run_prefix
 from registry.store import LocalStore, PreconditionFailed, Store, check_writable_dir, open_store
+from registry.uris import parse_uri
 
 #: Sections that define what is trained; a resumed run must keep them. Export and output may change.
 TRAINING_SECTIONS = ("model", "data", "lora", "train")
@@ -43,6 +45,32 @@ def open_run(cfg: JobConfig) -> Run:
         check_writable_dir(store.root, "output.store")
     work_dir = cache_root() / "work" / run_id
     return Run(cfg=cfg, run_id=run_id, store=store, run_store=store.child(run_prefix(run_id)), work_dir=work_dir)
+
+
+def _relative_note(uri: str) -> str:
+    """For a relative plain path, where it was looked up from (the current directory); nothing otherwise."""
+    relative = parse_uri(uri).scheme == "" and not Path(uri).expanduser().is_absolute()
+    return f"; check the path (relative paths are from {Path.cwd()})" if relative else ""
+
+
+def check_local_inputs(cfg: JobConfig) -> None:
+    """Check that the local weights and benchmark files the config names exist, before anything is pulled:
+    ``model.base`` and ``model.merge_base`` (a folder, a ``.gguf`` file or a ``pkg://`` file), and the
+    ``eval.benchmark_sources.<name>.file`` of each benchmark in ``eval.benchmarks`` (``data.source`` is checked
+    by :func:`job.data.check_source`).
+
+    Relative paths are relative to the current working directory, as every path on the command line is (not to
+    the config file's folder). Remote sources (``hf://``, ``ms://``, ``s3://``) are left to the pull. Raises
+    NotFoundError (exit 4, as the pull would) naming the key and the path.
+    """
+    for key, uri in (("model.base", cfg.model.base), ("model.merge_base", cfg.model.merge_base)):
+        if uri and (parse_uri(uri).is_local or parse_uri(uri).scheme == "pkg") and not resolve_local(uri).exists():
+            raise NotFoundError(f"{key}: {uri}: no such file or directory{_relative_note(uri)}")
+    for name in cfg.eval.benchmarks or ():
+        source = cfg.eval.benchmark_sources.get(name)
+        if source is not None and source.file and not Path(source.file).expanduser().is_file():
+            raise NotFoundError(f"eval.benchmark_sources.{name}.file: {source.file}: no such file"
+                                f"{_relative_note(source.file)}")
 
 
 def record_config(run: Run, store: Store | None = None) -> None:

@@ -17,9 +17,7 @@ from typing import Any
 
 import click
 
-from registry.compare import format_score, text_table
 from registry.names import ARTIFACTS, DEFAULT_STORE
-from registry.records import dump
 from registry.registry import Registry
 from registry.store import Store, check_writable_file, open_store
 from registry.store.transfer import os_errors
@@ -43,19 +41,6 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _metric(mv: ModelVersion, *names: str) -> str:
-    for n in names:
-        v = mv.metrics.get(n)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{v:.4g}"
-    return "-"
-
-
-def _base(mv: ModelVersion) -> str:
-    b = mv.base_model
-    return str(b.get("uri") or b.get("name") or b.get("source") or "-")
-
-
 @click.group("registry")
 def registry_group() -> None:
     """Find, register, alias, download and push model versions (refs: NAME, NAME:VERSION, NAME@ALIAS)."""
@@ -65,69 +50,78 @@ def registry_group() -> None:
 @store_options
 @click.option("--name", default=None, help="Only this model's versions.")
 @click.option("--all", "show_all", is_flag=True, help="Archived versions too.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, show_all: bool, as_json: bool) -> None:
+@click.option("--wide", is_flag=True, help="Also the base model and artifacts, past 100 columns.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (every field, every digit).")
+def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, show_all: bool, wide: bool,
+             as_json: bool) -> None:
     """List registered model versions (archived ones only with --all).
 
-    A corrupt record does not hide the others: they are listed, then the first corrupt one is named (exit 3).
+    \b
+    A store (or --registry) that does not exist, or a --name the registry does not hold, exits 4 naming the
+    known models; an existing registry with no versions lists nothing (exit 0). A corrupt record does not hide
+    the others: they are listed, then the first corrupt one is named (exit 3).
     """
-    from registry.errors import DataError
+    from registry.errors import DataError, NotFoundError
+    from registry.views import missing_store, unknown_name, version_table
 
-    _, reg = _open(store_uri, registry_uri)
+    store, reg = _open(store_uri, registry_uri)
+    missing = missing_store(store, reg, registry_given=bool(registry_uri))
+    if missing:
+        raise NotFoundError(missing)
     versions, corrupt = reg.scan(name)
+    if name is not None and not versions and not corrupt:
+        raise unknown_name(reg, name)
     versions = [mv for mv in versions if show_all or not mv.archived]
     if as_json:
         _echo_json([mv.to_dict() for mv in versions])
     elif not versions:
-        click.echo(f"no model versions in {reg.uri}" + (f" named {name}" if name else ""))
+        click.echo(f"no model versions in {reg.uri}")
     else:
-        rows = [[mv.name, str(mv.version), ",".join(mv.aliases) or "-", mv.created_at, mv.run_id, _base(mv),
-                 _metric(mv, "eval_loss_after", "eval_loss", "train_loss"), ",".join(sorted(mv.artifacts))]
-                for mv in versions]
-        click.echo(text_table(rows, ["NAME", "VERSION", "ALIASES", "CREATED", "RUN", "BASE MODEL", "EVAL LOSS",
-                                     "ARTIFACTS"]))
+        click.echo(version_table(versions, wide=wide))
     if corrupt:
         more = f" (and {len(corrupt) - 1} more corrupt record(s))" if len(corrupt) > 1 else ""
         raise DataError(f"{corrupt[0].message}{more}")
 
 
-def _show_text(mv: ModelVersion) -> str:
-    lines = [f"{mv.name}:{mv.version}" + (f"  ({', '.join('@' + a for a in mv.aliases)})" if mv.aliases else "")
-             + ("  [archived]" if mv.archived else ""),
-             f"  created      {mv.created_at}", f"  run          {mv.run_id}", f"  run uri      {mv.run_uri}"]
-    if mv.description:
-        lines.append(f"  description  {mv.description}")
-    for art, spec in sorted(mv.artifacts.items()):
-        lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
-    for r in mv.alias_refusals:
-        lines.append(f"  not @{r.get('alias')}  the gate refused it at registration: {r.get('refusal')}")
-    for p in mv.pushes:
-        lines.append(f"  pushed       hf://{p.repo}@{p.revision}  commit {p.commit}  ({p.artifact}, {p.pushed_at})")
-    for e in mv.evaluations:
-        scores = ", ".join(f"{name} {format_score(dump(s))}" for name, s in (e.benchmarks or {}).items())
-        lines.append(f"  evaluated    {scores or '-'}  ({e.artifact}, {e.evaluated_at}, by {e.by or '?'})")
-    for title, d in (("base model", mv.base_model), ("dataset", mv.dataset), ("metrics", mv.metrics),
-                     ("environment", mv.environment), ("tags", mv.tags)):
-        if d:
-            lines.append(f"  {title}:")
-            lines += [f"    {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}"
-                      for k, v in d.items()]
-    return "\n".join(lines)
+def _run_answers(store: Store, mv: ModelVersion) -> dict[str, Any] | None:
+    """The eval answers before and after training, from the version's run manifest (None when unreadable:
+    ``show`` still shows the version; ``registry verify`` is where a damaged run is judged)."""
+    from registry.errors import MedftError
+    from registry.runs import manifest_record, read_manifest
+
+    try:
+        return manifest_record(read_manifest(store, mv.run_uri), mv.run_uri).answers
+    except MedftError:
+        return None
 
 
 @registry_group.command("show")
 @click.argument("ref")
 @store_options
-@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON (every digit).")
 @click.option("--at", "at", default=None, metavar="TIME",
               help="With NAME@ALIAS: the version the alias pointed at then (ISO 8601; UTC without a zone).")
 def show_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: bool, at: str | None) -> None:
-    """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS."""
-    _, reg = _open(store_uri, registry_uri)
-    if at is not None:
-        ref = _version_at(reg, ref, at)
-    mv = reg.get(ref)
-    click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json else _show_text(mv))
+    """Show one model version: REF is NAME (latest), NAME:VERSION or NAME@ALIAS.
+
+    Text: rounded figures in sections (results before and after training, the eval answers, the plan);
+    --json: the version's record as stored.
+    """
+    from registry.errors import NotFoundError
+    from registry.views import missing_store, version_text
+
+    store, reg = _open(store_uri, registry_uri)
+    try:
+        if at is not None:
+            ref = _version_at(reg, ref, at)
+        mv = reg.get(ref)
+    except NotFoundError as e:
+        missing = missing_store(store, reg, registry_given=bool(registry_uri))
+        if missing and type(e) is NotFoundError:
+            raise NotFoundError(f"{e.message}: {missing}") from None
+        raise
+    click.echo(json.dumps(mv.to_dict(), indent=2, default=str) if as_json
+               else version_text(mv, _run_answers(store, mv)))
 
 
 ARTIFACT_OPTION = click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged",

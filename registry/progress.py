@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -139,15 +141,46 @@ def current() -> Progress:
     return _current
 
 
+_held: list[str] | None = None  # log text kept back while streamed text is on the terminal
+_held_lock = threading.Lock()
+
+
+@contextmanager
+def hold_lines() -> Iterator[None]:
+    """Keep log lines back while the body runs (a model's answer streaming to the terminal), then write them.
+
+    Whatever a library logs in the middle of a streamed answer (a warning at the first decode, say) would
+    otherwise land inside the text; held, it comes after it, whole. Nested holds release at the outermost.
+    """
+    global _held
+    with _held_lock:
+        outer = _held is None
+        if outer:
+            _held = []
+    try:
+        yield
+    finally:
+        if outer:
+            with _held_lock:
+                text, _held = "".join(_held or ()), None
+            if text:
+                LineWriter().write(text)
+
+
 class LineWriter:
     """A text stream for log lines that keeps them from tearing the bars: whole lines go through
-    :meth:`TerminalProgress.write_line` while bars are shown, straight to ``sys.stderr`` otherwise."""
+    :meth:`TerminalProgress.write_line` while bars are shown, straight to ``sys.stderr`` otherwise; kept back
+    while :func:`hold_lines` holds them."""
 
     def __init__(self) -> None:
         self._pending = ""
         self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
+        with _held_lock:
+            if _held is not None:
+                _held.append(text)
+                return len(text)
         if not isinstance(_current, TerminalProgress):
             return sys.stderr.write(text)
         with self._lock:

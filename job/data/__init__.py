@@ -22,9 +22,10 @@ The package, by responsibility (each module depends only on those above it):
 
 from job.data.examples import prepare, split_indices, validate
 from job.data.results import DROP_REASONS, FIELDS, DataReport, DatasetIdentity, PreparedData, Row
-from job.data.sources import load_rows, used_identity
+from job.data.sources import check_source, load_rows, used_identity
 
 __all__ = [
+    "check_source",
     "DROP_REASONS",
     "FIELDS",
     "DataReport",

@@ -87,6 +87,15 @@ def _s3_download(uri: str, dest_dir: Path, store_opener: Callable[[str], Any] | 
     return dest
 
 
+def check_source(cfg: JobConfig) -> None:
+    """Refuse a local ``data.source`` that :func:`load_rows` would refuse, without reading a row: a missing file
+    (NotFoundError, exit 4; relative paths are from the current directory), a folder (DataError, exit 3) or an
+    unknown file type (ConfigError, exit 2). Remote sources are checked when they are read."""
+    location = parse_uri(cfg.data.source)
+    if location.is_local:
+        file_records(location.local_path(), cfg.data.source, [getattr(cfg.data.columns, f) for f in FIELDS])
+
+
 def load_rows(cfg: JobConfig, *, store_opener: Callable[[str], Any] | None = None
               ) -> tuple[list[Row], DatasetIdentity, DataReport]:
     """Read, validate and deduplicate ``cfg.data.source``.

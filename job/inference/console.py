@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any, TextIO
 
 from job.templates import THINK_CLOSE
+from registry import progress
 
 CUT_OFF = "(none: --max-new-tokens ran out while the model was still reasoning; raise it for an answer)"
 
@@ -16,6 +18,10 @@ class SectionWriter:
     Whatever the chunking, the output is exactly :meth:`Answer.to_text` plus a newline. ``</think>`` may
     arrive split across chunks, so text that could be its start is held back until the next chunk decides;
     whitespace at the end of what has arrived is held back too, since each section is shown stripped.
+
+    From :meth:`open` to :meth:`close` (or leaving the ``with`` block, which an interrupted answer does) log
+    lines are held back (:func:`registry.progress.hold_lines`) and written after the answer: a library
+    warning at the first decode must not land between ``Reasoning:`` and the text.
     """
 
     def __init__(self, out: TextIO) -> None:
@@ -23,6 +29,13 @@ class SectionWriter:
         self.reasoning = True
         self.held = ""  # arrived but not shown: trailing whitespace, maybe the start of </think>
         self.started = False  # the current section has shown text
+        self._holding = ExitStack()
+
+    def __enter__(self) -> SectionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._holding.close()
 
     def _write(self, text: str) -> None:
         if text:
@@ -39,6 +52,7 @@ class SectionWriter:
         self.held = text[len(body):]
 
     def open(self) -> None:
+        self._holding.enter_context(progress.hold_lines())
         self._write("Reasoning:\n")
 
     def feed(self, text: str) -> None:
@@ -68,6 +82,7 @@ class SectionWriter:
             self._write(CUT_OFF)
         self.held = ""
         self._write("\n")
+        self._holding.close()
 
 
 class TokenStream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
@@ -153,25 +154,28 @@ def generate(loaded: Loaded, question: str, sampling: Sampling = Sampling(), *, 
     decode = decoder(loaded.tokenizer)
     writer = SectionWriter(stream) if stream is not None else None
     streamer = TokenStream(decode, writer) if writer is not None else None
-    if writer is not None:
-        writer.open()
     if sampling.seed is not None:
         from transformers import set_seed
 
         set_seed(sampling.seed)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = loaded.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                    generation_config=generation_config(loaded, sampling, stops), streamer=streamer)
-    seconds = time.perf_counter() - started
-    new = [int(i) for i in out[0, len(ids):].tolist()]
-    # Generation pads nothing for a single row, but cut at the first stop token in case a model keeps going.
-    end = next((n for n, i in enumerate(new) if i in stops), None)
-    finish = "stop" if end is not None else "length"
-    completion = new[:end + 1] if end is not None else new
-    reasoning, answer = split_completion(decode(completion))
-    if writer is not None:
-        writer.close(finish)
+    config = generation_config(loaded, sampling, stops)
+    decode(ids[-1:])  # a tokenizer's one-time warnings (at its first decode) come now, not inside the answer
+    with writer or nullcontext():
+        if writer is not None:
+            writer.open()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = loaded.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                                        generation_config=config, streamer=streamer)
+        seconds = time.perf_counter() - started
+        new = [int(i) for i in out[0, len(ids):].tolist()]
+        # Generation pads nothing for a single row, but cut at the first stop token in case a model keeps going.
+        end = next((n for n, i in enumerate(new) if i in stops), None)
+        finish = "stop" if end is not None else "length"
+        completion = new[:end + 1] if end is not None else new
+        reasoning, answer = split_completion(decode(completion))
+        if writer is not None:
+            writer.close(finish)
     result = Answer(question=question, reasoning=reasoning, answer=answer, prompt_tokens=len(ids),
                     completion_tokens=len(completion), seconds=round(seconds, 3), ref=loaded.label,
                     finish_reason=finish)

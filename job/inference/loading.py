@@ -96,10 +96,14 @@ def load(version: Version, artifact: str = "merged", *, trust_remote_code: bool 
     else:
         from peft import PeftModel
 
-        base = backend.load_for_inference(_pull_base(version, trust_remote_code),
-                                          max_seq_length=_max_seq_length(version),
+        # The adapter names its base by public id (hf://org/name -> org/name, else the URI); the base loaded
+        # here is the one the version's record names, pulled into (or found in) the cache and checked.
+        base_path = _pull_base(version, trust_remote_code)
+        base = backend.load_for_inference(base_path, max_seq_length=_max_seq_length(version),
                                           load_in_4bit=version.trained_in_4bit, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
+        for adapter_config in model.peft_config.values():  # mapped back: where this machine holds that base
+            adapter_config.base_model_name_or_path = str(base_path)
     # The artifact's own tokenizer: the one training saved beside the weights it produced.
     loaded = Loaded(label=version.label, model=backend.for_inference(model),
                     tokenizer=_tokenizer(path, trust_remote_code), template=template,

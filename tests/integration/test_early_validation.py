@@ -121,3 +121,36 @@ def test_the_backend_is_chosen_before_the_checks_import_transformers(tiny_model_
     argv = job_args(tiny_model_dir, str(tmp_path / "store"), "run-order", "--set", "train.optim=nope")
     code, _, err = run_main(argv, capsys)
     assert code == 2 and calls == ["select_backend", "preflight"], (calls, err[-2000:])
+
+
+MISSING = {  # a local path the config names, and the exit code the pull would give
+    "data.source=no/such/rows.jsonl": (4, "data.source: no/such/rows.jsonl: no such file"),
+    "data.source=data": (3, "data.source: data: is a directory"),
+    "model.base=no/such/model": (4, "model.base: no/such/model: no such file or directory"),
+    "model.merge_base=/no/such/base": (4, "model.merge_base: /no/such/base: no such file or directory"),
+    "eval.benchmark_sources={medqa: {file: no/such/medqa.jsonl}}":
+        (4, "eval.benchmark_sources.medqa.file: no/such/medqa.jsonl: no such file"),
+}
+
+
+@pytest.mark.parametrize("override", list(MISSING))
+def test_dry_run_checks_local_paths_as_the_real_run_does(override: str, tiny_model_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing file used to pass ``--dry-run`` and fail the real run; now both fail at once, alike, naming the
+    directory a relative path was looked up from."""
+    monkeypatch.setenv("MEDFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    store = tmp_path / "store"
+    argv = job_args(tiny_model_dir, str(store), "run-paths", "--set", "eval.benchmarks=[medqa]", "--set", override)
+    code_expected, needle = MISSING[override]
+    lines = []
+    for extra in (["--dry-run"], []):
+        code, out, err = run_main([*argv, *extra], capsys)
+        errors = error_lines(err)
+        assert code == code_expected and len(errors) == 1 and needle in errors[0], err[-3000:]
+        assert out == ""  # no plan printed for a config that cannot run
+        lines.append(errors[0])
+    assert lines[0] == lines[1] and _files(store) == []
+    if " no/such" in needle:  # a relative path: the line says where it was looked up from
+        assert lines[0].endswith(f"; check the path (relative paths are from {Path.cwd()})")

@@ -330,3 +330,25 @@ def test_demo_model_generate_and_chat(s3_server: str, tmp_path: Path, monkeypatc
     [turn] = [json.loads(line) for line in chat.stdout.splitlines()]
     assert turn["question"] == question and turn["prompt_tokens"] == len(served)
     assert [e["event"] for e in _events(chat.stderr) if e["event"].startswith("model.")] == ["model.cached"]
+
+
+def test_at_a_terminal_generate_shows_medfts_lines_then_the_answer_alone(published: Published, tmp_path: Path) -> None:
+    """A real terminal (a pty): no library progress bar or warning, no JSON, every loading line before
+    ``Reasoning:``, nothing between the streamed text's lines, medft's closing event after the answer."""
+    import re
+
+    from tests.terminal import run_in_terminal
+
+    code, screen = run_in_terminal("generate", "tiny:1", "--store", published.store, "-q", QUESTION,
+                                   "--temperature", "0", "--max-new-tokens", "12",
+                                   env=dict(published.env, MEDFT_CACHE=str(tmp_path / "cache")))
+    assert code == 0, screen
+    lines = screen.splitlines()
+    assert "Loading weights" not in screen and "[transformers" not in screen, screen
+    assert not any(re.match(r"\d\d:\d\d:\d\d (warning|error): ", line) for line in lines), screen
+    assert not any(line.startswith("{") for line in lines), screen
+    logged = [n for n, line in enumerate(lines) if re.match(r"\d\d:\d\d:\d\d \S+", line)]
+    start, answer = lines.index("Reasoning:"), lines.index("Answer:")
+    assert lines[start - 1].split()[1] == "inference.loaded" and start < answer
+    assert [lines[n].split()[1] for n in logged if n > start] == ["inference.answered"], screen
+    assert logged[-1] == len(lines) - 1 > answer  # the closing event comes after the whole answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def test_register_list_show_resolve_alias_download(local_store: str, publish_sam
     code, out, _ = run_main(["registry", "show", "med@prod", "--json"], capsys)
     assert json.loads(out)["version"] == 1 and json.loads(out)["aliases"] == ["prod"]
     code, out, _ = run_main(["registry", "show", "med"], capsys)
-    assert out.startswith("med:2") and "eval_loss_after: 1.2" in out
+    assert out.startswith("med:2") and "eval loss    2.000 -> 1.200 (before -> after training)" in out
 
     code, out, _ = run_main(["registry", "resolve", "med:1", "--artifact", "adapter"], capsys)
     assert out.strip() == run_uri + "/adapter"
@@ -201,3 +202,94 @@ def test_list_shows_every_readable_version_then_names_the_corrupt_record(
         "change history)" in line
     code, out, err = run_main(["registry", "list", "--json"], capsys)
     assert code == 3 and [r["name"] for r in json.loads(out)] == ["alpha"]
+
+
+def _long_record() -> dict[str, Any]:
+    """The sample record with 16-digit figures, a plan, a merge check and eval answers before and after."""
+    from tests.conftest import SAMPLE_RECORD
+
+    record = json.loads(json.dumps(SAMPLE_RECORD))
+    record["metrics"].update(
+        train_loss=1.4987654321987654, eval_loss_before=2.0123456789012345, eval_loss_after=1.2345678901234567,
+        tokens_per_s=2435.0549565466167, peak_host_mem_gib=0.6296615600585938, peak_gpu_mem_gib=None, steps=60,
+        merge_check={"max_abs_logit_diff": 0.0003038942813873291, "relative_diff": 0.0004277086051515125,
+                     "tolerance": 0.02, "compare_dtype": "float32", "device": "cpu"},
+        backend="hf", plan={"batch_size": 2, "grad_accum": 4, "packing": False, "gradient_checkpointing": False,
+                            "load_in_4bit": False, "precision": "fp32", "optim": "adamw_torch",
+                            "reasons": {"precision": "no CUDA: CPU training runs in float32"}},
+        benchmarks_before={"medqa": {"accuracy": 0.5012345, "interval": [0.43, 0.57], "scored": 200}},
+        benchmarks_after={"medqa": {"accuracy": 0.6123456, "interval": [0.54, 0.68], "scored": 200}})
+    record["answers"] = {"before": [{"question": "What causes anemia?", "output": "<think>\nno idea</think> Blood."}],
+                         "after": [{"question": "What causes anemia?",
+                                    "output": "<think>\nIron deficiency is common.</think> Iron deficiency.\x1b[2J"}]}
+    return record
+
+
+def test_show_is_rounded_sections_with_the_answers_and_json_keeps_every_digit(
+        local_store: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    run_uri = publish_sample_run(local_store, "run-1", _long_record())
+    assert run_main(["registry", "register", "med", run_uri, "--alias", "prod"], capsys)[0] == 0
+    code, out, err = run_main(["registry", "show", "med@prod"], capsys)
+    assert (code, err) == (0, "")
+    for section in ("Base model", "Data", "Results", "Answers to eval.questions, before -> after training",
+                    "Training plan", "Environment"):
+        assert f"\n\n{section}\n" in out, section
+    assert "eval loss    2.012 -> 1.235 (before -> after training)" in out
+    assert "medqa        50.1% [43.0%, 57.0%] -> 61.2% [54.0%, 68.0%] (200 questions)" in out
+    assert "throughput   2,435 tokens/s" in out and "peak memory  host 0.63 GiB" in out
+    assert "merge check  logits differ by 0.00043 of their scale, within tolerance 0.02 (float32 on cpu)" in out
+    assert "Q1  What causes anemia?" in out
+    assert "before  <think> no idea</think> Blood." in out and "after   <think> Iron deficiency is common.</think>" in out
+    assert "precision               fp32  (no CUDA: CPU training runs in float32)" in out
+    assert "None" not in out and "{" not in out  # no Python None, no inline JSON
+    assert "\x1b" not in out  # a record's text cannot clear the screen
+    assert not re.search(r"\d\.\d{6,}", out)  # no 16-digit floats
+    code, out, _ = run_main(["registry", "show", "med@prod", "--json"], capsys)
+    metrics = json.loads(out)["metrics"]
+    assert metrics["eval_loss_after"] == 1.2345678901234567 and metrics["tokens_per_s"] == 2435.0549565466167
+
+
+def test_list_fits_100_columns_and_wide_shows_more(local_store: str, publish_sample_run: Callable[..., str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    name = "r1-qwen-1.5b-medical-sweep-with-a-long-name"
+    run_uri = publish_sample_run(local_store, "r1-qwen-1-5b-en-sweep-20261206-035447-a1b2c3-lr-0.0004")
+    for _ in range(2):
+        assert run_main(["registry", "register", name, run_uri, "--alias", "candidate-for-production"], capsys)[0] == 0
+    code, out, _ = run_main(["registry", "list"], capsys)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["NAME", "VERSION", "ALIASES", "CREATED", "EVAL", "LOSS", "RUN"]
+    assert max(len(line) for line in lines) <= 100, out
+    assert "2.000 -> 1.200" in lines[1] and "…" in lines[1]  # the run id is cut in the middle to fit
+    code, out, _ = run_main(["registry", "list", "--wide"], capsys)
+    assert "BASE MODEL" in out.splitlines()[0] and "hf://org/tiny" in out and "adapter,merged" in out
+    assert "r1-qwen-1-5b-en-sweep-20261206-035447-a1b2c3-lr-0.0004" in out and max(map(len, out.splitlines())) > 100
+    code, out, _ = run_main(["registry", "list", "--json"], capsys)
+    assert json.loads(out)[0]["run_id"] == "r1-qwen-1-5b-en-sweep-20261206-035447-a1b2c3-lr-0.0004"
+
+
+def test_a_store_or_model_that_does_not_exist_exits_4_an_empty_registry_lists_nothing(
+        tmp_path: Path, local_store: str, publish_sample_run: Callable[..., str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "sotre")
+    code, out, err = run_main(["registry", "list", "--store", missing], capsys)
+    assert code == 4 and out == "" and err == f"medft: error: store {missing} does not exist; check --store (or MEDFT_STORE)"
+    code, _, err = run_main(["registry", "list", "--registry", missing], capsys)
+    assert code == 4 and f"registry {missing} does not exist" in err
+    code, _, err = run_main(["registry", "show", "med:1", "--store", missing], capsys)
+    assert code == 4 and err.startswith("medft: error: model ref 'med:1' not found") and f"store {missing} does" in err
+
+    Path(local_store).mkdir()
+    code, out, err = run_main(["registry", "list"], capsys)  # exists, nothing registered yet: empty, not missing
+    assert (code, err) == (0, "") and out.startswith("no model versions in ")
+    code, _, err = run_main(["registry", "list", "--name", "med"], capsys)
+    assert code == 4 and "no model named 'med'" in err and "holds no models yet" in err
+
+    run_uri = publish_sample_run(local_store, "run-1")
+    for name in ("med", "radiology"):
+        assert run_main(["registry", "register", name, run_uri], capsys)[0] == 0
+    code, out, err = run_main(["registry", "list", "--name", "mde"], capsys)
+    assert code == 4 and out == ""
+    assert err.endswith("no model named 'mde' in registry " + local_store + "/registry; did you mean med? it holds "
+                        "med, radiology")
+    code, out, _ = run_main(["registry", "list", "--name", "med"], capsys)
+    assert code == 0 and out.splitlines()[1].split()[:2] == ["med", "1"]

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,26 @@ def test_bad_values_name_the_key(override, key):
         load_config(None, [override], env={})
     assert key in e.value.message and e.value.exit_code == 2
     assert "\n" not in e.value.message
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.max_step=3", "did you mean train.max_steps?"),        # a typo inside its section
+    ("train.learningrate=1e-4", "did you mean train.learning_rate?"),
+    ("max_steps=3", "did you mean train.max_steps?"),            # a key without its section
+    ("lora.max_steps=3", "did you mean train.max_steps?"),       # a key in the wrong section
+    ("trian.max_steps=3", "trian: unknown key; did you mean train?"),
+    ("data.columns.questoin=Q", "did you mean data.columns.question?"),
+    ("train.zzzzzz=1", "unknown key; see the configuration reference in README.md"),  # nothing near: no guess
+])
+def test_an_unknown_key_names_the_nearest_known_one(override, suggestion, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override], env={})
+    assert suggestion in e.value.message and e.value.exit_code == 2
+    config = tmp_path / "job.yaml"
+    config.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: train.max_step: unknown key; did you mean "
+                                          r"train.max_steps\?$"):
+        load_config(config, env={})
 
 
 def test_relative_local_paths_are_allowed():

