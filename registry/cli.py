@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from registry.compare import format_score, text_table
+from registry.compare import answers_files, format_score, text_table
 from registry.names import ARTIFACTS, DEFAULT_STORE
 from registry.records import dump
 from registry.registry import Registry
@@ -99,6 +99,7 @@ def _show_text(mv: ModelVersion) -> str:
     for e in mv.evaluations:
         scores = ", ".join(f"{name} {format_score(dump(s))}" for name, s in (e.benchmarks or {}).items())
         lines.append(f"  evaluated    {scores or '-'}  ({e.artifact}, {e.evaluated_at}, by {e.by or '?'})")
+    lines += [f"  answers      {line}" for line in answers_files(mv)]
     for title, d in (("base model", mv.base_model), ("dataset", mv.dataset), ("metrics", mv.metrics),
                      ("environment", mv.environment), ("tags", mv.tags)):
         if d:
@@ -234,8 +235,9 @@ def alias_cmd(name: str, version_or_alias: str, alias_or_version: str, delete: b
 def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None, as_json: bool,
                 image: str | None) -> None:
     """Versions side by side: benchmark accuracy with 95% intervals, eval loss, data, base model and the
-    config settings that differ. REF as for show (two or more)."""
-    from registry.compare import check_image_path, comparison, comparison_text, draw_scores
+    config settings that differ. REF as for show (two or more). Every score is first recomputed from its
+    answers file: exit 3 naming the version when one does not match; one without a file is marked unverified."""
+    from registry.compare import check_image_path, comparison, comparison_text, draw_scores, verify_scores
     from registry.errors import ConfigError
 
     if len(refs) < 2:
@@ -243,9 +245,11 @@ def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None,
     dest = check_image_path(image) if image else None
     _, reg = _open(store_uri, registry_uri)
     versions = [reg.get(ref) for ref in refs]
+    verified = verify_scores(versions, reg.store)  # before anything is drawn or printed
     if dest is not None:
         draw_scores(versions, dest)
-    click.echo(json.dumps(comparison(versions), indent=2, default=str) if as_json else comparison_text(versions))
+    click.echo(json.dumps(comparison(versions, verified), indent=2, default=str) if as_json
+               else comparison_text(versions, verified))
     if dest is not None:
         click.echo(f"benchmark scores drawn to {dest}", err=True)
 

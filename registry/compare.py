@@ -109,6 +109,19 @@ def check_answers(mv: ModelVersion, name: str, score: BenchmarkScore, origin: st
     return True
 
 
+def answers_files(mv: ModelVersion) -> list[str]:
+    """Each answers file ``mv``'s scores name, for ``registry show``: ``medqa after training: <run>/benchmarks/
+    after/medqa.jsonl (sha256 ...)``; a recorded evaluation's file is registry-relative."""
+    metrics = mv.run_record().metrics
+    named = [(f"{name} {when} training", score, f"{mv.run_uri}/")
+             for when, scores in (("before", metrics.benchmarks_before), ("after", metrics.benchmarks_after))
+             for name, score in (scores or {}).items()]
+    named += [(f"{name} medft eval {e.evaluated_at or '?'}", score, "registry: ")
+              for e in mv.evaluations for name, score in (e.benchmarks or {}).items()]
+    return [f"{what}: {root}{score.answers_file.path} (sha256 {score.answers_file.sha256}, {score.answers_file.size} "
+            "bytes)" for what, score, root in named if score.answers_file is not None and score.answers_file.path]
+
+
 def verify_scores(versions: Sequence[ModelVersion], registry_store: Store,
                   names: Sequence[str] | None = None) -> Verified:
     """:func:`check_answers` for every score (of ``names``, default all) of every version: per ref, per
