@@ -70,7 +70,25 @@ def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
     return {name: score for name, (score, _) in scored_by(mv).items()}
 
 
-def check_answers(mv: ModelVersion, name: str, score: BenchmarkScore, origin: str, registry_store: Store) -> bool:
+class RunStores:
+    """Run folders opened for reading answers files, those in one S3 bucket as children of one store so they
+    share its client (building an S3 client takes about as long as reading a file)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, Store] = {}
+
+    def open(self, uri: str) -> Store:
+        if not uri.startswith("s3://"):
+            return open_store(uri)
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if bucket not in self._buckets:
+            self._buckets[bucket] = open_store(f"s3://{bucket}")
+        root = self._buckets[bucket]
+        return root.child(prefix) if prefix.strip("/") else root
+
+
+def check_answers(mv: ModelVersion, name: str, score: BenchmarkScore, origin: str, registry_store: Store,
+                  runs: RunStores | None = None) -> bool:
     """Recompute ``mv``'s ``name`` score (scored by ``origin``) from its answers file; False when it names none
     (recorded by an older medft), True when every recorded number matches the file.
 
@@ -86,7 +104,7 @@ def check_answers(mv: ModelVersion, name: str, score: BenchmarkScore, origin: st
         raise DataError(f"{where} names an answers file without its path, sha256 and size; the registry record is "
                         "corrupt")
     path = check_key(ref.path, what=f"{where}: answers file path", error=DataError)
-    store = open_store(mv.run_uri) if origin == "training" else registry_store
+    store = (runs or RunStores()).open(mv.run_uri) if origin == "training" else registry_store
     url = store.url(path)
     try:
         data, _ = store.get_bytes(path)
@@ -127,8 +145,9 @@ def verify_scores(versions: Sequence[ModelVersion], registry_store: Store,
     """:func:`check_answers` for every score (of ``names``, default all) of every version: per ref, per
     benchmark, whether it was verified (False: no answers file). Raises its DataError for the first bad one."""
     out: Verified = {}
+    runs = RunStores()
     for mv in versions:
-        out[mv.ref] = {name: check_answers(mv, name, score, origin, registry_store)
+        out[mv.ref] = {name: check_answers(mv, name, score, origin, registry_store, runs)
                        for name, (score, origin) in scored_by(mv).items() if names is None or name in names}
     return out
 
@@ -352,7 +371,8 @@ def _rescore(ref: str, name: str, like: BenchmarkScore | None, registry_uri: str
     return command
 
 
-def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkScore | None) -> BenchmarkScore | None:
+def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkScore | None,
+           runs: RunStores) -> BenchmarkScore | None:
     """``mv``'s score on ``name`` as the gate may use it: None without one; raises DataError (exit 3) when it does
     not match its answers file (:func:`check_answers`) or has none (recorded by an older medft, so it cannot
     be checked), saying how to re-score it."""
@@ -360,7 +380,7 @@ def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkSc
     if origin is None or not isinstance(origin[0].accuracy, (int, float)):
         return None
     score, by = origin
-    if not check_answers(mv, name, score, by, registry_store):
+    if not check_answers(mv, name, score, by, registry_store, runs):
         raise DataError(f"{mv.ref}'s {name} score ({by}) has no answers file (an older medft recorded it), so it "
                         f"cannot be checked and the gate does not use it; re-score {mv.ref} with "
                         f"{_rescore(mv.ref, name, like or score, registry_store.uri)}")
@@ -382,9 +402,10 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
     if current is not None and current.version == candidate.version:
         return None
     registry_uri = registry_store.uri
+    runs = RunStores()
     for name in require:
-        other = _gated(current, name, registry_store, None) if current is not None else None
-        score = _gated(candidate, name, registry_store, other)
+        other = _gated(current, name, registry_store, None, runs) if current is not None else None
+        score = _gated(candidate, name, registry_store, other, runs)
         if score is None:
             has = ", ".join(sorted(benchmark_scores(candidate))) or "none"
             return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with "
