@@ -173,3 +173,16 @@ def test_several_greedy_samples_are_refused() -> None:
         EvalSettings(sampling=Sampling(temperature=0.0), samples=4)
     assert EvalSettings(sampling=Sampling(temperature=0.6), samples=4).sampled
     assert math.isclose(EvalSettings().sampling.temperature, 0.0)
+
+
+def test_the_job_config_takes_the_protocol_and_refuses_several_greedy_samples() -> None:
+    from job.config import load_config
+
+    cfg = load_config(None, ["eval.benchmark_samples=4", "eval.benchmark_temperature=0.7"], env={})
+    assert (cfg.eval.benchmark_samples, cfg.eval.benchmark_temperature, cfg.eval.benchmark_top_p,
+            cfg.eval.benchmark_max_new_tokens) == (4, 0.7, 0.95, 2048)
+    for bad, needle in [(["eval.benchmark_samples=4", "eval.benchmark_temperature=0"], "greedy decoding gives the same"),
+                        (["eval.benchmark_top_p=0"], "eval.benchmark_top_p"),
+                        (["eval.benchmark_temperature=nan"], "eval.benchmark_temperature")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, bad, env={})
