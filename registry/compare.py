@@ -107,14 +107,15 @@ def check_answers(mv: ModelVersion, name: str, score: BenchmarkScore, origin: st
     store = (runs or RunStores()).open(mv.run_uri) if origin == "training" else registry_store
     url = store.url(path)
     try:
-        data, _ = store.get_bytes(path)
+        size = store.stat(path).size  # before reading: a record cannot make us read more than it claims
+        data = store.get_bytes(path)[0] if size == ref.size else b""
     except BucketNotFound:
         raise
     except NotFoundError:
         raise DataError(f"{where}: its answers file {url} is missing, so the score cannot be checked and is not "
                         f"used; re-score {mv.ref} with `medft eval ... --record`") from None
-    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise DataError(f"{where}: its answers file {url} does not match the record (size {len(data)}, recorded "
+    if size != ref.size or len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise DataError(f"{where}: its answers file {url} does not match the record (size {size}, recorded "
                         f"{ref.size}; or a different sha256): the file or the record was edited")
     rows = answers.parse(data, url)
     others = sorted({row.benchmark for row in rows} - {name})
