@@ -24,13 +24,15 @@ recorded score (:func:`recompute`), so the two cannot drift apart:
 * shares with no extractable answer and that hit the token limit, over all answers; the median reasoning
   length over all answers.
 
-Nothing read here is trusted: a malformed line, a repeated (question, sample), a row whose ``correct``
-disagrees with its choice and gold, or a question with a different number of samples is a DataError
-(exit 3) naming the file and line.
+:func:`check_answers` recomputes a recorded score from its answers file in a store (the alias gate and
+``registry compare`` call it). Nothing read here is trusted: a malformed line, a repeated (question,
+sample), a row whose ``correct`` disagrees with its choice and gold, or a question with a different number
+of samples is a DataError (exit 3) naming the file and line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -41,7 +43,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry.errors import DataError
+from registry.errors import DataError, NotFoundError
+from registry.records import BenchmarkScore, dump
+from registry.store import BucketNotFound, Store, check_key, open_store
 
 #: The standard normal quantile for a two-sided 95% interval.
 Z_95 = 1.959963984540054
@@ -204,3 +208,63 @@ def differences(recorded: dict[str, object], summary: Summary) -> list[str]:
                     for g, w in zip(got_interval, summary.interval))):
         out.append(f"interval recorded {got_interval!r}, recomputed {list(summary.interval)!r}")
     return out
+
+
+class RunStores:
+    """Run folders opened for reading answers files, those in one S3 bucket as children of one store so they
+    share its client (building an S3 client takes about as long as reading a file)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, Store] = {}
+
+    def open(self, uri: str) -> Store:
+        if not uri.startswith("s3://"):
+            return open_store(uri)
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if bucket not in self._buckets:
+            self._buckets[bucket] = open_store(f"s3://{bucket}")
+        root = self._buckets[bucket]
+        return root.child(prefix) if prefix.strip("/") else root
+
+
+def check_answers(ref: str, run_uri: str, name: str, score: BenchmarkScore, origin: str, registry_store: Store,
+                  runs: RunStores | None = None) -> bool:
+    """Recompute version ``ref``'s ``name`` score (scored by ``origin``: ``training`` or ``medft eval <time>``)
+    from its answers file; False when it names none (recorded by an older medft), True when every recorded
+    number matches the file.
+
+    The file lies in the run folder ``run_uri`` for a training score, in ``registry_store`` for a recorded
+    evaluation.
+    Raises DataError (exit 3) naming the version when the file is missing, its size or sha256 differ from the
+    record's, it is malformed, or the recorded accuracy, counts, shares or interval differ from the file's.
+    """
+    kept = score.answers_file
+    if kept is None or kept.is_empty():
+        return False
+    where = f"{ref}'s {name} score ({origin})"
+    if kept.path is None or kept.sha256 is None or kept.size is None:
+        raise DataError(f"{where} names an answers file without its path, sha256 and size; the registry record is "
+                        "corrupt")
+    path = check_key(kept.path, what=f"{where}: answers file path", error=DataError)
+    store = (runs or RunStores()).open(run_uri) if origin == "training" else registry_store
+    url = store.url(path)
+    try:
+        size = store.stat(path).size  # before reading: a record cannot make us read more than it claims
+        data = store.get_bytes(path)[0] if size == kept.size else b""
+    except BucketNotFound:
+        raise
+    except NotFoundError:
+        raise DataError(f"{where}: its answers file {url} is missing, so the score cannot be checked and is not "
+                        f"used; re-score {ref} with `medft eval ... --record`") from None
+    if size != kept.size or len(data) != kept.size or hashlib.sha256(data).hexdigest() != kept.sha256:
+        raise DataError(f"{where}: its answers file {url} does not match the record (size {size}, recorded "
+                        f"{kept.size}; or a different sha256): the file or the record was edited")
+    rows = parse(data, url)
+    others = sorted({row.benchmark for row in rows} - {name})
+    if others:
+        raise DataError(f"{where}: its answers file {url} holds answers to {others[0]}; the record is corrupt")
+    differs = differences(dump(score), summarize(rows, url))
+    if differs:
+        raise DataError(f"{where} does not match its answers file {url}: {'; '.join(differs)}; the record was "
+                        "edited or is corrupt")
+    return True

@@ -11,18 +11,17 @@ columns of that table as a picture. :func:`gate_refusal` says why an alias may n
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry import answers
-from registry.errors import ConfigError, DataError, NotFoundError
+from registry.answers import RunStores, check_answers
+from registry.errors import ConfigError, DataError
 from registry.names import BENCHMARK_NAMES
-from registry.records import BenchmarkScore, RunMetrics, dotted, dump
-from registry.store import BucketNotFound, Store, check_key, open_store
+from registry.records import BenchmarkScore, RunMetrics, dotted
+from registry.store import Store
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
     from registry.versions import ModelVersion
@@ -70,64 +69,6 @@ def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
     return {name: score for name, (score, _) in scored_by(mv).items()}
 
 
-class RunStores:
-    """Run folders opened for reading answers files, those in one S3 bucket as children of one store so they
-    share its client (building an S3 client takes about as long as reading a file)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, Store] = {}
-
-    def open(self, uri: str) -> Store:
-        if not uri.startswith("s3://"):
-            return open_store(uri)
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        if bucket not in self._buckets:
-            self._buckets[bucket] = open_store(f"s3://{bucket}")
-        root = self._buckets[bucket]
-        return root.child(prefix) if prefix.strip("/") else root
-
-
-def check_answers(mv: ModelVersion, name: str, score: BenchmarkScore, origin: str, registry_store: Store,
-                  runs: RunStores | None = None) -> bool:
-    """Recompute ``mv``'s ``name`` score (scored by ``origin``) from its answers file; False when it names none
-    (recorded by an older medft), True when every recorded number matches the file.
-
-    The file lies in the run folder for a training score, in ``registry_store`` for a recorded evaluation.
-    Raises DataError (exit 3) naming the version when the file is missing, its size or sha256 differ from the
-    record's, it is malformed, or the recorded accuracy, counts, shares or interval differ from the file's.
-    """
-    ref = score.answers_file
-    if ref is None or ref.is_empty():
-        return False
-    where = f"{mv.ref}'s {name} score ({origin})"
-    if ref.path is None or ref.sha256 is None or ref.size is None:
-        raise DataError(f"{where} names an answers file without its path, sha256 and size; the registry record is "
-                        "corrupt")
-    path = check_key(ref.path, what=f"{where}: answers file path", error=DataError)
-    store = (runs or RunStores()).open(mv.run_uri) if origin == "training" else registry_store
-    url = store.url(path)
-    try:
-        size = store.stat(path).size  # before reading: a record cannot make us read more than it claims
-        data = store.get_bytes(path)[0] if size == ref.size else b""
-    except BucketNotFound:
-        raise
-    except NotFoundError:
-        raise DataError(f"{where}: its answers file {url} is missing, so the score cannot be checked and is not "
-                        f"used; re-score {mv.ref} with `medft eval ... --record`") from None
-    if size != ref.size or len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise DataError(f"{where}: its answers file {url} does not match the record (size {size}, recorded "
-                        f"{ref.size}; or a different sha256): the file or the record was edited")
-    rows = answers.parse(data, url)
-    others = sorted({row.benchmark for row in rows} - {name})
-    if others:
-        raise DataError(f"{where}: its answers file {url} holds answers to {others[0]}; the record is corrupt")
-    differs = answers.differences(dump(score), answers.summarize(rows, url))
-    if differs:
-        raise DataError(f"{where} does not match its answers file {url}: {'; '.join(differs)}; the record was "
-                        "edited or is corrupt")
-    return True
-
-
 def answers_files(mv: ModelVersion) -> list[str]:
     """Each answers file ``mv``'s scores name, for ``registry show``: ``medqa after training: <run>/benchmarks/
     after/medqa.jsonl (sha256 ...)``; a recorded evaluation's file is registry-relative."""
@@ -148,7 +89,7 @@ def verify_scores(versions: Sequence[ModelVersion], registry_store: Store,
     out: Verified = {}
     runs = RunStores()
     for mv in versions:
-        out[mv.ref] = {name: check_answers(mv, name, score, origin, registry_store, runs)
+        out[mv.ref] = {name: check_answers(mv.ref, mv.run_uri, name, score, origin, registry_store, runs)
                        for name, (score, origin) in scored_by(mv).items() if names is None or name in names}
     return out
 
@@ -381,7 +322,7 @@ def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkSc
     if origin is None or not isinstance(origin[0].accuracy, (int, float)):
         return None
     score, by = origin
-    if not check_answers(mv, name, score, by, registry_store, runs):
+    if not check_answers(mv.ref, mv.run_uri, name, score, by, registry_store, runs):
         raise DataError(f"{mv.ref}'s {name} score ({by}) has no answers file (an older medft recorded it), so it "
                         f"cannot be checked and the gate does not use it; re-score {mv.ref} with "
                         f"{_rescore(mv.ref, name, like or score, registry_store.uri)}")
