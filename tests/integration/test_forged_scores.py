@@ -121,6 +121,11 @@ def test_a_forged_score_is_refused_by_the_gate_and_compare(store_uri: str, publi
         _refused(store_uri, capsys, reg, ["m:2's medqa score (training): its answers file", "does not match the record"])
     with _edited(run, answers, lambda data: None):
         _refused(store_uri, capsys, reg, ["m:2's medqa score (training): its answers file", "is missing"])
+    # A path out of the run folder (to another version's file, say) is refused before anything is read.
+    def escape(doc: dict[str, Any]) -> None:
+        _after(doc)["answers_file"]["path"] = "../run-1/benchmarks/after/medqa.jsonl"
+    with _edited(reg.store, record, _record_edit(escape)):
+        _refused(store_uri, capsys, reg, ["m:2's medqa score (training): answers file path", "'..' path segment"])
     # Restored, the move passes: nothing above was a false alarm. An equal score passes too (not only a higher).
     assert reg.set_alias("m", 2, "production", require=["medqa"]).version == 2
     assert reg.set_alias("m", 3, "production", require=["medqa"]).version == 3  # 60% = 60%
