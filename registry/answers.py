@@ -25,8 +25,9 @@ recorded score (:func:`recompute`), so the two cannot drift apart:
   length over all answers.
 
 :func:`check_answers` recomputes a recorded score from its answers file in a store (the alias gate and
-``registry compare`` call it). Nothing read here is trusted: a malformed line, a repeated (question,
-sample), a row whose ``correct`` disagrees with its choice and gold, or a question with a different number
+``registry compare`` call it); :func:`put_answers` stores a ``medft eval --record``'s file in the registry.
+Nothing read here is trusted: a malformed line, a repeated (question, sample), a row whose ``correct``
+disagrees with its choice and gold, or a question with a different number
 of samples is a DataError (exit 3) naming the file and line.
 """
 
@@ -44,8 +45,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.errors import DataError, NotFoundError
-from registry.records import BenchmarkScore, dump
-from registry.store import BucketNotFound, Store, check_key, open_store
+from registry.records import AnswersFile, BenchmarkScore, dump
+from registry.store import BucketNotFound, PreconditionFailed, Store, check_key, open_store
 
 #: The standard normal quantile for a two-sided 95% interval.
 Z_95 = 1.959963984540054
@@ -268,3 +269,19 @@ def check_answers(ref: str, run_uri: str, name: str, score: BenchmarkScore, orig
         raise DataError(f"{where} does not match its answers file {url}: {'; '.join(differs)}; the record was "
                         "edited or is corrupt")
     return True
+
+
+def put_answers(registry_store: Store, name: str, version: int, benchmark: str, data: bytes) -> AnswersFile:
+    """Store the answers file of ``name:version``'s evaluation on ``benchmark`` in the registry, create-only, at
+    ``models/<name>/answers/<version>/<benchmark>-<sha256>.jsonl`` (registry-relative), and return what a
+    score records of it. The name holds the content's hash, so storing the same answers twice is one file;
+    DataError when a file of that name holds other bytes (a store that was tampered with)."""
+    sha = hashlib.sha256(data).hexdigest()
+    key = check_key(f"models/{name}/answers/{int(version)}/{benchmark}-{sha}.jsonl", what="answers file key")
+    try:
+        registry_store.put_bytes(key, data, if_absent=True)
+    except PreconditionFailed:
+        if not registry_store.content_matches(key, sha):
+            raise DataError(f"{registry_store.url(key)} exists with other content than its name's sha256; the "
+                            "registry store was tampered with") from None
+    return AnswersFile(path=key, sha256=sha, size=len(data))

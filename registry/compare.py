@@ -21,7 +21,7 @@ from registry.answers import RunStores, check_answers
 from registry.errors import ConfigError, DataError
 from registry.names import BENCHMARK_NAMES
 from registry.records import BenchmarkScore, RunMetrics, dotted
-from registry.store import Store
+from registry.store import Store, open_store
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
     from registry.versions import ModelVersion
@@ -330,19 +330,20 @@ def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkSc
 
 
 def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
-                 alias: str, registry_store: Store) -> str | None:
+                 alias: str, registry: str | Store) -> str | None:
     """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may; the reason says
     how to score what is missing.
 
     Refused when ``candidate`` has no score on a required benchmark, was scored on other questions, with
     another ``max_new_tokens`` or another protocol (temperature, top-p, samples, seed) than ``current`` (the
     version the alias points at now), or has a lower accuracy than ``current`` on it. A current version without
-    a score does not block. Every score used is first recomputed from its answers file in ``registry_store`` or
-    the version's run folder: DataError (exit 3, naming the version) when one does not match its file or has
-    none, whatever ``--force`` says.
+    a score does not block. Every score used is first recomputed from its answers file in ``registry`` (the
+    registry's store, or its URI) or the version's run folder: DataError (exit 3, naming the version) when one
+    does not match its file or has none, whatever ``--force`` says.
     """
     if current is not None and current.version == candidate.version:
         return None
+    registry_store = open_store(registry) if isinstance(registry, str) else registry
     registry_uri = registry_store.uri
     runs = RunStores()
     for name in require:

@@ -21,7 +21,6 @@ model, the dataset, the resolved config, metrics and the environment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -34,7 +33,7 @@ from typing import Any
 
 from registry.errors import ConfigError, ConflictError, DataError, NotFoundError
 from registry.names import ARTIFACTS, DEFAULT_STORE, NAME, NAME_RE
-from registry.records import AnswersFile, EvaluationRecord, dump
+from registry.records import EvaluationRecord, dump
 from registry.runs import MANIFEST, manifest_record, now_iso, read_manifest, run_store, verify_run
 from registry.store import BucketNotFound, PreconditionFailed, Store, check_local_dir, open_store
 from registry.versions import FORMAT, HubPush, ModelVersion
@@ -356,8 +355,7 @@ class Registry:
         ConfigError (exit 2, nothing written) when ``version`` has no score on one, or scores lower than the
         version the alias points at when the swap is made (checked again on every CAS attempt, so a concurrent
         move is gated too). ``force`` moves it anyway and records the override, with the refusal it overrode,
-        in ``aliases.json`` (``gate_overrides``) in the same write. A required score that does not match its
-        answers file, or has none, is a DataError (exit 3, forced or not).
+        in ``aliases.json`` (``gate_overrides``) in the same write.
         """
         from registry.compare import gate_refusal, required_benchmarks
 
@@ -374,7 +372,7 @@ class Registry:
                 candidate = self._read(name, version, {})
                 previous = aliases.get(alias)
                 current = self._read(name, previous, {}) if previous is not None and previous != version else None
-                refusal = gate_refusal(candidate, current, require, alias, self.store)
+                refusal = gate_refusal(candidate, current, require, alias, self.uri)
                 if refusal is not None and not force:
                     raise ConfigError(f"refused to move {name}@{alias}: {refusal}; or pass --force to move it "
                                       "anyway; nothing changed")
@@ -392,24 +390,8 @@ class Registry:
         return self._append(name, version, "pushes", asdict(push))
 
     def record_evaluation(self, name: str, version: int, evaluation: EvaluationRecord) -> ModelVersion:
-        """Append ``evaluation`` to the ``evaluations`` of ``name:version``; see :meth:`_append`. Its scores'
-        answers files are stored first (:meth:`put_answers`), so a record never names a file that is not there."""
+        """Append ``evaluation`` to the ``evaluations`` of ``name:version``; see :meth:`_append`."""
         return self._append(name, version, "evaluations", dump(evaluation))
-
-    def put_answers(self, name: str, version: int, benchmark: str, data: bytes) -> AnswersFile:
-        """Store the answers file of ``name:version``'s evaluation on ``benchmark`` create-only at
-        ``models/<name>/answers/<version>/<benchmark>-<sha256>.jsonl`` (registry-relative) and return what a
-        score records of it. The name holds the content's hash, so storing the same answers twice is one file;
-        DataError when a file of that name holds other bytes (a store that was tampered with)."""
-        sha = hashlib.sha256(data).hexdigest()
-        key = f"models/{check_name(name)}/answers/{int(version)}/{check_name(benchmark, 'benchmark')}-{sha}.jsonl"
-        try:
-            self.store.put_bytes(key, data, if_absent=True)
-        except PreconditionFailed:
-            if not self.store.content_matches(key, sha):
-                raise DataError(f"{self.store.url(key)} exists with other content than its name's sha256; the "
-                                "registry store was tampered with") from None
-        return AnswersFile(path=key, sha256=sha, size=len(data))
 
     def _append(self, name: str, version: int, field: str, entry: dict[str, Any]) -> ModelVersion:
         """Append ``entry`` to the list ``field`` of the record of ``name:version`` with compare-and-swap,

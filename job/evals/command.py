@@ -210,6 +210,7 @@ def _record(label: str, scored: dict[str, ScoredBenchmark], artifact: str, store
     ``models/<name>/answers/<version>/`` in the registry), then append the scores, each naming its file, to
     its ``evaluations``; returns where they went: ``{"ref": label, "evaluation": n, "answers": {benchmark:
     the answers file's URL}, "scores": {benchmark: score as recorded}}`` (n is 1 for the first)."""
+    from registry.answers import put_answers
     from registry.registry import Registry, current_user, parse_ref
     from registry.runs import now_iso
 
@@ -217,7 +218,7 @@ def _record(label: str, scored: dict[str, ScoredBenchmark], artifact: str, store
     assert number is not None, label  # a registry ref resolves to NAME:VERSION
     reg = Registry.at(store, registry)
     # The files first: a record never names an answers file that is not there.
-    scores = {bench: s.kept_at(reg.put_answers(name, number, bench, s.answers)) for bench, s in scored.items()}
+    scores = {bench: s.kept_at(put_answers(reg.store, name, number, bench, s.answers)) for bench, s in scored.items()}
     evaluation = EvaluationRecord(benchmarks=scores, artifact=artifact, evaluated_at=now_iso(), by=current_user())
     stored = reg.record_evaluation(name, number, evaluation)
     # Its place in the list as written (another may have been appended right after it).

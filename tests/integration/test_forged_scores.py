@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from registry.answers import put_answers
 from registry.compare import verify_scores
 from registry.errors import DataError
 from registry.records import BenchmarkScore, EvaluationRecord
@@ -138,7 +139,7 @@ def test_a_forged_recorded_evaluation_is_refused(tmp_path: Path, publish_sample_
     store_uri = str(tmp_path / "store")
     reg = _versions(store_uri, publish_sample_run, [0.55, None])
     data, score = answers_and_score(0.6)
-    kept = reg.put_answers("m", 2, "medqa", data)
+    kept = put_answers(reg.store, "m", 2, "medqa", data)
     assert kept.path is not None and kept.path.startswith("models/m/answers/2/medqa-")
     evaluation = EvaluationRecord(benchmarks={"medqa": BenchmarkScore.model_validate(
         {**score, "answers_file": kept.model_dump()})}, artifact="merged", evaluated_at="2026-12-01T10:00:00Z")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from registry.answers import put_answers
 from registry.errors import ConfigError, DataError
 from registry.records import BenchmarkScore, EvaluationRecord
 from registry.registry import Registry
@@ -112,7 +113,7 @@ def test_gate_refuses_scores_taken_on_other_questions_or_token_limits(
 def _evaluation(reg: Registry, version: int, accuracy: float, when: str, **change: Any) -> EvaluationRecord:
     """A ``medft eval --record`` of ``m:version`` scoring ``accuracy``, its answers file stored as it stores it."""
     data, score = answers_and_score(accuracy, **change)
-    kept = reg.put_answers("m", version, "medqa", data)
+    kept = put_answers(reg.store, "m", version, "medqa", data)
     score = BenchmarkScore.model_validate({**score, "answers_file": kept.model_dump()})
     return EvaluationRecord(benchmarks={"medqa": score}, artifact="merged", evaluated_at=when, by="tester")
 
