@@ -198,10 +198,8 @@ def alias_cmd(name: str, version_or_alias: str, alias_or_version: str, delete: b
     """Point NAME@ALIAS at VERSION, or remove it with --delete. VERSION and ALIAS may come in either order.
 
     \b
-    With --require medqa the move is refused (exit 2, nothing changed) when VERSION has no medqa score,
-    was scored another way (questions, token limit, protocol) or scores lower than the version ALIAS
-    points at now; the check and the move are one compare-and-swap. A score that does not match its
-    answers file, or has none, is refused with exit 3, --force or not.
+    With --require medqa the move is refused (exit 2, nothing changed) when VERSION has no medqa score or
+    scores lower than the version ALIAS points at now; the check and the move are one compare-and-swap.
     """
     from registry.compare import required_benchmarks
     from registry.errors import ConfigError
