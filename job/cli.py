@@ -142,9 +142,17 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Questions per benchmark: a seeded subset, the same for every model (default: all).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
-              help="Seed of the --limit subset.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Seed of the --limit subset and of every sampled answer.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Most tokens per answer, reasoning included; an answer cut off there counts as hit-limit.")
+@click.option("--temperature", type=float, default=0.6, show_default=True,
+              help="Sampling temperature (DeepSeek's advice for R1 models); 0 is greedy.")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling (unused when greedy).")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Answers per question, each with its own seed; accuracy is their mean (needs --temperature > 0).")
+@click.option("--samples-out", metavar="FILE", default=None,
+              help="Write every answer (question id, sample, seed, completion, choice, gold, stop reason) to FILE as "
+                   "JSONL.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Questions generated at once.")
 @click.option("--data", "data_files", multiple=True, metavar="BENCHMARK=FILE",
@@ -154,29 +162,32 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @VERBOSE_OPTION
 @click.option("--record", is_flag=True,
-              help="Append the scores to REF's registry version, where `registry compare` and the alias gate "
-                   "read them (REF must be NAME, NAME:VERSION or NAME@ALIAS).")
+              help="Store the answers beside REF's registry version and append the scores, naming them, to its "
+                   "record, where `registry compare` and the alias gate check them (REF must be NAME, "
+                   "NAME:VERSION or NAME@ALIAS).")
 @click.option("--record-as", "record_as", default=None, metavar="NAME",
               help="With --base: record the base's scores as NAME@base, for `registry compare NAME@base NAME:N`.")
 @store_options
 def eval_cmd(ref: str | None, base: str | None, base_revision: str | None, template: str | None, benchmarks: str,
-             limit: int | None, seed: int, max_new_tokens: int, batch_size: int, data_files: tuple[str, ...],
-             artifact: str, as_json: bool, record: bool, record_as: str | None, store_uri: str,
-             registry_uri: str | None) -> None:
-    """Score a model on medical benchmarks: accuracy with a 95% interval, greedy, generative.
+             limit: int | None, seed: int, max_new_tokens: int, temperature: float, top_p: float, samples: int,
+             samples_out: str | None, batch_size: int, data_files: tuple[str, ...], artifact: str, as_json: bool,
+             record: bool, record_as: str | None, store_uri: str, registry_uri: str | None) -> None:
+    """Score a model on medical benchmarks: accuracy with a 95% interval, generative, sampled.
 
     \b
     REF is NAME, NAME:VERSION, NAME@ALIAS or a run folder; or give --base URI for a base model.
-    Exit codes: 2 unknown benchmark or bad usage (--record without a registry ref), 3 a missing
-    column or bad row, 4 a dataset, file or ref not found, 5 a gated dataset without access,
-    75 the hub unreachable or --record outrun by concurrent updates (the scores are printed first).
+    Exit codes: 2 unknown benchmark or bad usage (--record without a registry ref, --samples > 1
+    with --temperature 0), 3 a missing column or bad row, 4 a dataset, file or ref not found,
+    5 a gated dataset without access, 75 the hub unreachable or --record outrun by concurrent
+    updates (the scores are printed first).
     """
     from job.evals.command import eval_command
 
     eval_command(ref, base=base, base_revision=base_revision, template=template, benchmarks=benchmarks,
-                 limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 data_files=data_files, artifact=artifact, store=store_uri, registry=registry_uri, as_json=as_json,
-                 record=record, record_as=record_as)
+                 limit=limit, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                 samples=samples, samples_out=samples_out, batch_size=batch_size, data_files=data_files,
+                 artifact=artifact, store=store_uri, registry=registry_uri, as_json=as_json, record=record,
+                 record_as=record_as)
 
 
 @cli.group()

@@ -261,9 +261,16 @@ class EvalConfig(_Section):
     """Benchmarks scored before and after training (``medqa``, ``medmcqa``, ``pubmedqa``); none by default."""
     benchmark_limit: int | None = Field(None, gt=0)
     """Questions per benchmark: a seeded subset (``benchmark_seed``), the same for every model; None: all."""
-    benchmark_max_new_tokens: int = Field(1024, gt=0)
+    benchmark_max_new_tokens: int = Field(2048, gt=0)
+    """Most tokens per answer, reasoning included (published R1-style medical evaluations use 2,000-2,048)."""
+    benchmark_temperature: float = Field(0.6, ge=0, allow_inf_nan=False)
+    """Sampling temperature of the answers (DeepSeek's advice for R1 models); 0 is greedy."""
+    benchmark_top_p: float = Field(0.95, gt=0, le=1)
+    benchmark_samples: int = Field(1, ge=1)
+    """Answers per question, each with its own seed; needs ``benchmark_temperature`` > 0."""
     benchmark_batch_size: int = Field(16, gt=0)
     benchmark_seed: int = Field(0, ge=0, le=MAX_SEED)
+    """Seed of the ``benchmark_limit`` subset and of every sampled answer."""
     benchmark_sources: dict[str, BenchmarkSource] = {}
     """Per-benchmark overrides, keyed by benchmark name."""
 
@@ -288,6 +295,14 @@ class EvalConfig(_Section):
         if unknown:
             raise ValueError(f"unknown benchmark {unknown[0]!r}; use one or more of {known_names()}")
         return v
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalConfig:
+        if self.benchmark_samples > 1 and self.benchmark_temperature == 0:
+            raise ValueError(f"eval.benchmark_samples={self.benchmark_samples} with eval.benchmark_temperature=0: "
+                             "greedy decoding gives the same answer every time; set a temperature (e.g. 0.6) or "
+                             "benchmark_samples=1")
+        return self
 
 
 class ExportConfig(_Section):

@@ -295,22 +295,23 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
 
 
 def benchmark_section(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The card's benchmark table: accuracy with its Wilson 95% interval before and after training, and the
-    questions scored; no lines when no benchmark was scored."""
-    from registry.compare import format_score
+    """The card's benchmark table: accuracy with its 95% interval before and after training, and the
+    questions scored, then the protocol they were scored under; no lines when no benchmark was scored."""
+    from registry.compare import format_score, protocol_text
 
     names = list(dict.fromkeys([*before, *after]))
     if not names:
         return []
-    lines = ["", "## Benchmarks (greedy, generative; accuracy [95% Wilson interval])", "",
+    lines = ["", "## Benchmarks (generative; accuracy [95% interval])", "",
              "| benchmark | before | after | questions | hit token limit (after) |", "| --- | --- | --- | --- | --- |"]
     for name in names:
         b, a = before.get(name) or {}, after.get(name) or {}
         scored = a.get("scored", b.get("scored", "-"))
         hit = f"{a['hit_limit_share']:.1%}" if isinstance(a.get("hit_limit_share"), (int, float)) else "-"
         lines.append(f"| {name} | {format_score(b)} | {format_score(a)} | {scored} | {hit} |")
-    limit = (after.get(names[0]) or before.get(names[0]) or {}).get("max_new_tokens")
+    first = after.get(names[0]) or before.get(names[0]) or {}
+    limit = first.get("max_new_tokens")
     if limit:
-        lines += ["", f"At most {limit} new tokens per answer; a subset, when limited, is the same seeded one for "
-                  "every model (`medft eval --limit`)."]
+        lines += ["", f"At most {limit} new tokens per answer, {protocol_text(first)}; a subset, when limited, is the "
+                  "same seeded one for every model (`medft eval --limit`)."]
     return lines

@@ -13,6 +13,7 @@ from job import data, evaluate, export, loss_curve, model, preflight, publish, t
 from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
 from job.config import JobConfig, load_config
+from job.evals.in_job import RUN_FOLDER as ANSWERS_FOLDER
 from job.evals.in_job import load_job_benchmarks, score_job_benchmarks
 from job.lifecycle import FencedStore, Lease, Preemption, disk_full_is_transient
 from job.resolve import check_local_inputs, open_run, record_config
@@ -98,16 +99,19 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             log.info("backend.plan", backend=backend.name, **plan.__dict__)
             peft_model, tokenizer = backend.load(weights.path, cfg, plan)
             prepared = data.prepare(rows, tokenizer, cfg, report=data_report)
+        answers_dir = run.work_dir / "benchmark-answers"  # published as benchmarks/ (job.evals.in_job)
+        shutil.rmtree(answers_dir, ignore_errors=True)
         with stage("eval_before"):
             before = evaluate.evaluate(peft_model, tokenizer, prepared.eval, cfg, "before")
-            benchmarks_before = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "before")
+            benchmarks_before = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "before",
+                                                     answers_dir)
         with stage("train"):
             result = train.fit(cfg, backend, plan, peft_model, tokenizer, prepared, work_dir=run.work_dir / "trainer",
                                checkpointer=Checkpointer(run_store), preemption=stop, lease=lease,
                                report_to=trackers.report_to)
         with stage("eval_after"):
             after = evaluate.evaluate(backend.for_inference(peft_model), tokenizer, prepared.eval, cfg, "after")
-            benchmarks_after = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "after")
+            benchmarks_after = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "after", answers_dir)
         trackers.check()  # one that went down while training is skipped now, and the record says so
         boundary("after training (the last checkpoint holds the trained adapter)")
         out = run.work_dir / "export"
@@ -152,7 +156,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             record = RunRecord(artifacts={k: k for k in outputs}, lineage=lineage, metrics=metrics,
                                data_report=prepared.report.to_dict(), answers=answers,
                                environment=publish.environment(), config=cfg.to_dict())
-            publish.publish(run, outputs, record, lease)
+            answer_files = {ANSWERS_FOLDER: answers_dir} if answers_dir.is_dir() else {}  # files, not an artifact
+            publish.publish(run, {**outputs, **answer_files}, record, lease)
             version = publish.register(run, lease)
         trackers.finish(record, version)
     log.info("run.done", run_id=run.run_id, uri=run.uri, version=version.version, stage_seconds=stage.seconds)

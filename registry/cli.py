@@ -255,8 +255,9 @@ def _version_at(reg: Registry, ref: str, at: str) -> str:
 def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None, as_json: bool,
                 image: str | None) -> None:
     """Versions side by side: benchmark accuracy with 95% intervals, eval loss, data, base model and the
-    config settings that differ. REF as for show (two or more)."""
-    from registry.compare import check_image_path, comparison, comparison_text, draw_scores
+    config settings that differ. REF as for show (two or more). Every score is first recomputed from its
+    answers file: exit 3 naming the version when one does not match; one without a file is marked unverified."""
+    from registry.compare import check_image_path, comparison, comparison_text, draw_scores, verify_scores
     from registry.errors import ConfigError
 
     if len(refs) < 2:
@@ -266,10 +267,12 @@ def compare_cmd(refs: tuple[str, ...], store_uri: str, registry_uri: str | None,
         check_writable_file(dest, "--image")
     _, reg = _open(store_uri, registry_uri)
     versions = [reg.get(ref) for ref in refs]
+    verified = verify_scores(versions, reg.store)  # before anything is drawn or printed
     if dest is not None:
         with os_errors(dest, "writing"):
             draw_scores(versions, dest)
-    click.echo(json.dumps(comparison(versions), indent=2, default=str) if as_json else comparison_text(versions))
+    click.echo(json.dumps(comparison(versions, verified), indent=2, default=str) if as_json
+               else comparison_text(versions, verified))
     if dest is not None:
         click.echo(f"benchmark scores drawn to {dest}", err=True)
 

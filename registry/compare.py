@@ -17,12 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import ConfigError
+from registry.answers import RunStores, check_answers
+from registry.errors import ConfigError, DataError
 from registry.names import BENCHMARK_NAMES
 from registry.records import BenchmarkScore, RunMetrics, dotted
+from registry.store import Store, open_store
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
     from registry.versions import ModelVersion
+
+#: Per version ref, per benchmark: whether its score was recomputed from its answers file (False: it has none).
+Verified = dict[str, dict[str, bool]]
 
 # Settings that differ between any two runs by construction, so they say nothing about how they differ.
 _ALWAYS_DIFFERENT = ("output.run_id",)
@@ -64,6 +69,41 @@ def benchmark_scores(mv: ModelVersion) -> dict[str, BenchmarkScore]:
     return {name: score for name, (score, _) in scored_by(mv).items()}
 
 
+def answers_files(mv: ModelVersion) -> list[str]:
+    """Each answers file ``mv``'s scores name, for ``registry show``: ``medqa after training: <run>/benchmarks/
+    after/medqa.jsonl (sha256 ...)``; a recorded evaluation's file is registry-relative."""
+    metrics = mv.run_record().metrics
+    named = [(f"{name} {when} training", score, f"{mv.run_uri}/")
+             for when, scores in (("before", metrics.benchmarks_before), ("after", metrics.benchmarks_after))
+             for name, score in (scores or {}).items()]
+    named += [(f"{name} medft eval {e.evaluated_at or '?'}", score, "registry: ")
+              for e in mv.evaluations for name, score in (e.benchmarks or {}).items()]
+    return [f"{what}: {root}{score.answers_file.path} (sha256 {score.answers_file.sha256}, {score.answers_file.size} "
+            "bytes)" for what, score, root in named if score.answers_file is not None and score.answers_file.path]
+
+
+def verify_scores(versions: Sequence[ModelVersion], registry_store: Store,
+                  names: Sequence[str] | None = None) -> Verified:
+    """:func:`check_answers` for every score (of ``names``, default all) of every version: per ref, per
+    benchmark, whether it was verified (False: no answers file). Raises its DataError for the first bad one."""
+    out: Verified = {}
+    runs = RunStores()
+    for mv in versions:
+        out[mv.ref] = {name: check_answers(mv.ref, mv.run_uri, name, score, origin, registry_store, runs)
+                       for name, (score, origin) in scored_by(mv).items() if names is None or name in names}
+    return out
+
+
+def protocol_text(score: dict[str, Any] | None) -> str:
+    """How a score's answers were generated, for people: ``greedy`` or ``T 0.6, top-p 0.95, seed 0``, then
+    ``, 4 samples`` when there are several; ``-`` without a score."""
+    if not score:
+        return "-"
+    p = BenchmarkScore.model_validate(score).protocol()
+    text = "greedy" if not p["temperature"] else f"T {p['temperature']}, top-p {p['top_p']}, seed {p['seed']}"
+    return text + (f", {p['samples']} samples" if p["samples"] > 1 else "")
+
+
 def differing_settings(versions: Sequence[ModelVersion]) -> dict[str, list[Any]]:
     """Config keys (dotted) whose values are not the same in every version, each with its values in order."""
     flat = [dotted(mv.config) for mv in versions]
@@ -72,9 +112,10 @@ def differing_settings(versions: Sequence[ModelVersion]) -> dict[str, list[Any]]
             if k not in _ALWAYS_DIFFERENT and any(f.get(k) != flat[0].get(k) for f in flat)}
 
 
-def comparison(versions: Sequence[ModelVersion]) -> dict[str, Any]:
+def comparison(versions: Sequence[ModelVersion], verified: Verified | None = None) -> dict[str, Any]:
     """What ``medft registry compare --json`` prints: per version its ref, base, data, eval losses and
-    benchmark scores, and the settings that differ."""
+    benchmark scores (with, given ``verified`` from :func:`verify_scores`, whether each was recomputed from its
+    answers file), and the settings that differ."""
     out = []
     for mv in versions:
         scores = scored_by(mv)
@@ -87,6 +128,7 @@ def comparison(versions: Sequence[ModelVersion]) -> dict[str, Any]:
             "eval_loss_before": metrics.eval_loss_before, "eval_loss_after": metrics.eval_loss_after,
             "benchmarks": {n: s.model_dump(mode="json", exclude_unset=True) for n, (s, _) in scores.items()},
             "benchmarks_scored_by": {n: origin for n, (_, origin) in scores.items()},
+            **({"benchmarks_verified": verified.get(mv.ref, {})} if verified is not None else {}),
         })
     return {"versions": out, "settings_that_differ": differing_settings(versions)}
 
@@ -96,9 +138,17 @@ def _short(value: Any, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def comparison_text(versions: Sequence[ModelVersion]) -> str:
-    """One table: a row per measure or setting, a column per version."""
-    data = comparison(versions)
+def _scored_by_text(entry: dict[str, Any], name: str) -> str:
+    origin = entry["benchmarks_scored_by"].get(name)
+    if origin is not None and entry.get("benchmarks_verified", {}).get(name) is False:
+        origin += " (unverified: no answers file)"
+    return _short(origin, 64)
+
+
+def comparison_text(versions: Sequence[ModelVersion], verified: Verified | None = None) -> str:
+    """One table: a row per measure or setting, a column per version; a score that ``verified`` says has no
+    answers file is marked unverified."""
+    data = comparison(versions, verified)
     entries = data["versions"]
     header = ["", *[e["ref"] + (f" @{','.join(e['aliases'])}" if e["aliases"] else "") for e in entries]]
     rows: list[list[str]] = []
@@ -108,7 +158,8 @@ def comparison_text(versions: Sequence[ModelVersion]) -> str:
         rows.append([f"{name} questions", *[_short((e["benchmarks"].get(name) or {}).get("scored")) for e in entries]])
         rows.append([f"{name} max new tokens",
                      *[_short((e["benchmarks"].get(name) or {}).get("max_new_tokens")) for e in entries]])
-        rows.append([f"{name} scored by", *[_short(e["benchmarks_scored_by"].get(name)) for e in entries]])
+        rows.append([f"{name} protocol", *[protocol_text(e["benchmarks"].get(name)) for e in entries]])
+        rows.append([f"{name} scored by", *[_scored_by_text(e, name) for e in entries]])
     for key in ("eval_loss_before", "eval_loss_after"):
         rows.append([key.replace("_", " "), *[f"{e[key]:.4g}" if isinstance(e[key], (int, float)) else "-"
                                               for e in entries]])
@@ -193,17 +244,23 @@ def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-# What makes two scores of one benchmark comparable: the same questions, answered under the same token limit.
+# What makes two scores of one benchmark comparable: the same questions, answered under the same token limit
+# and the same protocol (BenchmarkScore.protocol: temperature, top-p, samples, seed when sampled).
 _SCORED_ON = (("content_sha256", "questions"), ("max_new_tokens", "max_new_tokens"))
+_PROTOCOL = ("temperature", "top_p", "samples", "seed")
 
 
 def _scored_differently(a: BenchmarkScore, b: BenchmarkScore) -> str | None:
-    """What differs between how ``a`` and ``b`` were scored (``questions``, ``max_new_tokens``), or None.
+    """What differs between how ``a`` and ``b`` were scored (``questions``, ``max_new_tokens``, ``temperature``,
+    ``top_p``, ``samples``, ``seed``), or None.
 
-    Only what both scores record is compared: an older record without a field does not block.
+    The questions and the token limit are compared where both scores record them (an older record without one
+    does not block); the protocol always, an older record's read as greedy with one sample.
     """
     differs = [label for field, label in _SCORED_ON
                if getattr(a, field) is not None and getattr(b, field) is not None and getattr(a, field) != getattr(b, field)]
+    pa, pb = a.protocol(), b.protocol()
+    differs += [key for key in _PROTOCOL if pa[key] != pb[key]]
     return " and ".join(differs) or None
 
 
@@ -230,14 +287,24 @@ def required_benchmarks(items: Sequence[str]) -> tuple[str, ...]:
 
 def _rescore(ref: str, name: str, like: BenchmarkScore | None, registry_uri: str) -> str:
     """The ``medft eval`` command that scores ``ref`` on ``name`` the way ``like`` was scored (its question
-    subset, token limit and file, where it records them) and records the score in ``registry_uri``. A hub
-    source has no ``medft eval`` option beyond the benchmark's own dataset, so the source is named after it."""
+    subset, token limit, protocol and file, where it records them) and records the score in ``registry_uri``.
+    A hub source has no ``medft eval`` option beyond the benchmark's own dataset, so the source is named after
+    it."""
     flags = [f"--benchmarks {name}"]
     if like is not None:
+        protocol = like.protocol()
+        sampled = protocol["temperature"] > 0
         if like.limit is not None:
-            flags.append(f"--limit {like.limit} --seed {like.seed or 0}")
+            flags.append(f"--limit {like.limit}")
+        if like.limit is not None or sampled:
+            flags.append(f"--seed {like.seed or 0}")
         if like.max_new_tokens is not None:
             flags.append(f"--max-new-tokens {like.max_new_tokens}")
+        flags.append(f"--temperature {protocol['temperature']}")
+        if sampled and protocol["top_p"] is not None:
+            flags.append(f"--top-p {protocol['top_p']}")
+        if protocol["samples"] > 1:
+            flags.append(f"--samples {protocol['samples']}")
         if like.source and not like.source.startswith("hf://"):
             flags.append("--data " + shlex.quote(f"{name}={like.source.removeprefix('file://')}"))
     command = f"`medft eval {ref} {' '.join(flags)} --record --registry {shlex.quote(registry_uri)}`"
@@ -246,25 +313,44 @@ def _rescore(ref: str, name: str, like: BenchmarkScore | None, registry_uri: str
     return command
 
 
+def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkScore | None,
+           runs: RunStores) -> BenchmarkScore | None:
+    """``mv``'s score on ``name`` as the gate may use it: None without one; raises DataError (exit 3) when it does
+    not match its answers file (:func:`check_answers`) or has none (recorded by an older medft, so it cannot
+    be checked), saying how to re-score it."""
+    origin = scored_by(mv).get(name)
+    if origin is None or not isinstance(origin[0].accuracy, (int, float)):
+        return None
+    score, by = origin
+    if not check_answers(mv.ref, mv.run_uri, name, score, by, registry_store, runs):
+        raise DataError(f"{mv.ref}'s {name} score ({by}) has no answers file (an older medft recorded it), so it "
+                        f"cannot be checked and the gate does not use it; re-score {mv.ref} with "
+                        f"{_rescore(mv.ref, name, like or score, registry_store.uri)}")
+    return score
+
+
 def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
-                 alias: str, registry_uri: str) -> str | None:
+                 alias: str, registry: str | Store) -> str | None:
     """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may; the reason says
     how to score what is missing.
 
-    Refused when ``candidate`` has no score on a required benchmark, was scored on other questions or with
-    another ``max_new_tokens`` than ``current`` (the version the alias points at now), or has a lower accuracy
-    than ``current`` on it. A current version without a score does not block.
+    Refused when ``candidate`` has no score on a required benchmark, was scored on other questions, with
+    another ``max_new_tokens`` or another protocol (temperature, top-p, samples, seed) than ``current`` (the
+    version the alias points at now), or has a lower accuracy than ``current`` on it. A current version without
+    a score does not block. Every score used is first recomputed from its answers file in ``registry`` (the
+    registry's store, or its URI) or the version's run folder: DataError (exit 3, naming the version) when one
+    does not match its file or has none, whatever ``--force`` says.
     """
     if current is not None and current.version == candidate.version:
         return None
-    mine = benchmark_scores(candidate)
-    theirs = benchmark_scores(current) if current is not None else {}
+    registry_store = open_store(registry) if isinstance(registry, str) else registry
+    registry_uri = registry_store.uri
+    runs = RunStores()
     for name in require:
-        score, other = mine.get(name), theirs.get(name)
-        if other is not None and not isinstance(other.accuracy, (int, float)):
-            other = None
-        if score is None or not isinstance(score.accuracy, (int, float)):
-            has = ", ".join(sorted(mine)) or "none"
+        other = _gated(current, name, registry_store, None, runs) if current is not None else None
+        score = _gated(candidate, name, registry_store, other, runs)
+        if score is None:
+            has = ", ".join(sorted(benchmark_scores(candidate))) or "none"
             return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with "
                     f"{_rescore(candidate.ref, name, other, registry_uri)}")
         if current is None or other is None:
@@ -274,6 +360,7 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
             return (f"{candidate.ref} and {current.ref} (@{alias} now) were scored on {name} with different "
                     f"{differs}, so their accuracies cannot be compared; score {candidate.ref} as {current.ref} was "
                     f"with {_rescore(candidate.ref, name, other, registry_uri)}")
+        assert score.accuracy is not None and other.accuracy is not None  # _gated returns scores with one
         if score.accuracy < other.accuracy:
             return (f"{candidate.ref} scores {format_score(score.model_dump(mode='json'))} on {name}, lower than "
                     f"{current.ref} (@{alias} now) at {format_score(other.model_dump(mode='json'))}")

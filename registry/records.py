@@ -16,13 +16,15 @@ record read from an old run is copied on unchanged.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import re
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from registry.errors import DataError
 
 Number = int | float  # a union, not float: an int stays an int when the record is written back
+Count = Annotated[int, Strict()]  # a count a gate reads: 3.0, "3" or true is not one
 
 
 class _Record(BaseModel):
@@ -91,27 +93,51 @@ class TrackerRun(_Record):
     reason: str | None = None  # why it was skipped
 
 
+class AnswersFile(_Record):
+    """Where a score's answers are kept (:mod:`registry.answers`): ``path`` is relative to the run folder for
+    a training run's scores (``metrics.benchmarks_before``/``benchmarks_after``) and to the registry root for
+    a recorded evaluation's (``evaluations``); ``sha256`` and ``size`` of its bytes."""
+
+    path: str | None = None
+    sha256: str | None = None
+    size: Count | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be a 64-hex sha256")
+        return value
+
+
 class BenchmarkScore(_Record):
-    """One benchmark's score as recorded (:class:`job.evals.scoring.BenchmarkResult` plus what it was scored
-    on): accuracy with its Wilson 95% ``interval`` ([low, high]), ``correct`` of ``scored`` questions, the
-    shares with no extractable answer and that hit the token limit, the median reasoning length, and the
-    questions' identity (source, revision, rows read, limit, seed, content hash) and ``max_new_tokens``."""
+    """One benchmark's score as recorded (:class:`registry.answers.Summary` plus how it was scored):
+    accuracy (correct answers / all answers) with its 95% ``interval`` ([low, high]), ``correct`` answers of
+    ``scored`` questions times ``samples`` answers each, the shares with no extractable answer and that hit
+    the token limit, the median reasoning length, the questions' identity (source, revision, rows read,
+    limit, seed, content hash), the protocol (``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``,
+    ``samples``, ``seed``) and the ``answers_file`` it can be recomputed from. A record written before the
+    protocol fields reads as greedy with one sample (:meth:`protocol`)."""
 
     benchmark: str | None = None
     accuracy: Number | None = None
     interval: list[Number] | None = None
-    correct: int | None = None
-    scored: int | None = None
+    correct: Count | None = Field(None, ge=0)
+    scored: Count | None = Field(None, ge=0)
     no_answer_share: Number | None = None
     hit_limit_share: Number | None = None
     median_reasoning_tokens: Number | None = None
     source: str | None = None
     revision: str | None = None
-    rows: int | None = None
-    limit: int | None = None
-    seed: int | None = None
+    rows: Count | None = Field(None, ge=0)
+    limit: Count | None = Field(None, ge=1)
+    seed: Count | None = Field(None, ge=0)
     content_sha256: str | None = None
-    max_new_tokens: int | None = None
+    max_new_tokens: Count | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    samples: Count | None = Field(None, ge=1)
+    answers_file: AnswersFile | None = None
     seconds: Number | None = None
 
     # The gate compares these: a hand-edited NaN or 1.5 must not pass for a score.
@@ -128,6 +154,27 @@ class BenchmarkScore(_Record):
         if value is not None and not (len(value) == 2 and 0 <= value[0] <= value[1] <= 1):
             raise ValueError("must be [low, high] with 0 <= low <= high <= 1")
         return value
+
+    @model_validator(mode="after")
+    def _possible_counts(self) -> BenchmarkScore:
+        answers = None if self.scored is None else self.scored * (self.samples or 1)
+        if self.correct is not None and answers is not None and self.correct > answers:
+            raise ValueError(f"correct ({self.correct}) is more than the answers scored ({answers})")
+        for bound in ("rows", "limit"):
+            if self.scored is not None and getattr(self, bound) is not None and self.scored > getattr(self, bound):
+                raise ValueError(f"scored ({self.scored}) is more than the questions there are ({bound} "
+                                 f"{getattr(self, bound)})")
+        return self
+
+    def protocol(self) -> dict[str, Any]:
+        """How the answers were generated, what makes two scores comparable besides their questions:
+        ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed`` (both None when greedy: unused) and
+        ``samples``; a record without them reads as greedy with one sample."""
+        temperature = self.temperature or 0
+        sampled = temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "temperature": temperature,
+                "top_p": self.top_p if sampled else None, "samples": self.samples or 1,
+                "seed": self.seed if sampled else None}
 
 
 class EvaluationRecord(_Record):

@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from registry.compare import format_score, text_table
+from registry.compare import answers_files, format_score, text_table
 from registry.errors import NotFoundError
 from registry.records import dump
 from registry.registry import Registry
@@ -197,6 +197,7 @@ def version_text(mv: ModelVersion, answers: dict[str, Any] | None = None) -> str
     for e in mv.evaluations:
         scores = ", ".join(f"{name} {format_score(dump(s))}" for name, s in (e.benchmarks or {}).items())
         lines.append(f"  evaluated    {scores or '-'}  ({e.artifact}, {e.evaluated_at}, by {e.by or '?'})")
+    lines += [f"  answers      {line}" for line in answers_files(mv)]
     base = mv.base_model
     if base:
         weights = base.get("sha256") or {}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import uuid
@@ -260,13 +261,22 @@ SAMPLE_RECORD = {
 
 @pytest.fixture
 def publish_sample_run(sample_run_dir: Path) -> Callable[..., str]:
-    """``publish_sample_run(store_uri, run_id="run-1", record=None) -> run folder URI``."""
-    def publish(store_uri: str, run_id: str = "run-1", record: dict[str, Any] | None = None) -> str:
+    """``publish_sample_run(store_uri, run_id="run-1", record=None, files=None) -> run folder URI``; ``files``
+    (run-relative path -> bytes) are published in the run folder too, listed in its manifest."""
+    def publish(store_uri: str, run_id: str = "run-1", record: dict[str, Any] | None = None,
+                files: dict[str, bytes] | None = None) -> str:
         from registry.runs import publish_dir, run_prefix
         from registry.store import open_store
 
         store = open_store(store_uri)
-        publish_dir(store, run_id, sample_run_dir, dict(record or SAMPLE_RECORD))
+        local = sample_run_dir
+        if files:
+            local = sample_run_dir.with_name(f"{sample_run_dir.name}-{run_id}")
+            shutil.copytree(sample_run_dir, local)
+            for rel, data in files.items():
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                (local / rel).write_bytes(data)
+        publish_dir(store, run_id, local, dict(record or SAMPLE_RECORD))
         return store.url(run_prefix(run_id))
 
     return publish

@@ -116,3 +116,30 @@ def write_benchmark(dest: Path, name: str, suffix: str = ".jsonl", rows: list[di
     table = pa.Table.from_pylist(data)
     pq.write_table(table.set_column(0, "pubid", table.column("pubid").cast(pa.int32())), path)
     return path
+
+
+def answers_and_score(accuracy: float, scored: int = 200, *, path: str = "benchmarks/after/medqa.jsonl",
+                      samples: int = 1, benchmark: str = "medqa", **fields: Any) -> tuple[bytes, dict[str, Any]]:
+    """An answers file of ``scored`` made-up questions answered ``samples`` times, ``round(accuracy * scored *
+    samples)`` of the answers right, and the score recorded with it (as the job or ``medft eval`` records it:
+    computed from the file, naming it at ``path`` by sha256 and size; ``fields`` add to or replace its keys,
+    e.g. the protocol)."""
+    import hashlib
+
+    from registry.answers import AnswerRow, encode, summarize
+
+    right = round(accuracy * scored * samples)
+    rows = [AnswerRow(benchmark=benchmark, question_id=f"q{q}", sample=k, seed=None if samples == 1 else 1000 * q + k,
+                      prompt_tokens=40, completion=f"Made-up reasoning {q}.{k}</think>The answer is A.",
+                      completion_tokens=30, reasoning_tokens=25, choice="A" if q * samples + k < right else "B",
+                      gold="A", correct=q * samples + k < right, stop="stop" if q % 10 else "length")
+            for q in range(scored) for k in range(samples)]
+    data = encode(rows)
+    s = summarize(rows)
+    score = {"benchmark": benchmark, "accuracy": s.accuracy, "interval": list(s.interval), "correct": s.correct,
+             "scored": s.scored, "no_answer_share": s.no_answer_share, "hit_limit_share": s.hit_limit_share,
+             "median_reasoning_tokens": s.median_reasoning_tokens, "source": "hf://GBaker/MedQA-USMLE-4-options",
+             "limit": scored, "seed": 0, "content_sha256": "c" * 64, "max_new_tokens": 1024,
+             **({"temperature": 0.6, "top_p": 0.95, "samples": samples} if samples > 1 else {}),
+             "answers_file": {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+    return data, {**score, **fields}

@@ -2,25 +2,31 @@
 
 Everything that can be checked is checked before any weights load: the benchmark names, the ``--data``
 files, every benchmark's questions (read and mapped, so a missing column or an unreachable dataset fails
-first) and the ref. Then one model loads, answers every benchmark (batched, greedy by default) and is freed.
-Output: a table per model (accuracy with its Wilson 95% interval, questions scored, the share with no
-extractable answer, the share that hit the token limit, the median reasoning length), or ``--json``.
+first), the ``--samples-out`` destination and the ref. Then one model loads, answers every benchmark
+(``--samples`` answers per question, sampled at ``--temperature``/``--top-p`` with per-answer seeds, or
+greedy at temperature 0) and is freed. Output: a table per model (accuracy with its 95% interval, questions
+scored, the share with no extractable answer, the share that hit the token limit, the median reasoning
+length), or ``--json``; ``--samples-out FILE`` keeps every answer (JSONL, :mod:`registry.answers`).
 
-``--record`` then appends the scores to the registered version's ``evaluations`` (compare-and-swap), where
-``registry compare`` and the alias gate read them: a version can be scored, or re-scored the same way as
-another, without training it again. The scores are printed first, so a failed write loses none of them.
+``--record`` then stores each benchmark's answers file beside the registered version (create-only) and
+appends the scores, each naming its file by path, sha256 and size, to the version's ``evaluations``
+(compare-and-swap), where ``registry compare`` and the alias gate read them and recompute them from the
+files: a version can be scored, or re-scored the same way as another, without training it again. The scores
+are printed and ``--samples-out`` written first, so a failed write loses none of them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from job.evals.runner import DEFAULT_BATCH_SIZE, DEFAULT_EVAL_MAX_NEW_TOKENS, EvalSettings
-from job.evals.suite import BenchmarkChoice, load_suite, score_suite
-from job.inference.generate import Sampling
+from job.evals.suite import BenchmarkChoice, ScoredBenchmark, load_suite, score_suite
+from job.inference.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampling
 from job.medical_benchmarks import BENCHMARKS, known_names, parse_benchmarks
 from registry.compare import format_score, text_table
 from registry.errors import ConfigError
@@ -81,6 +87,36 @@ def _check_model_args(ref: str | None, base: str | None, template: str | None, b
                           "register it with `medft registry register NAME RUN_URI` and give NAME:VERSION")
 
 
+def check_samples_out(path: str) -> Path:
+    """The ``--samples-out`` destination, checked before any question is read: ConfigError (exit 2) when it is
+    a folder or its folder does not exist."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise ConfigError(f"--samples-out {path}: is a folder; give a file name, e.g. {dest / 'answers.jsonl'}")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"--samples-out {path}: folder {dest.parent} does not exist; create it or pick another path")
+    return dest
+
+
+def write_whole(dest: Path, data: bytes) -> None:
+    """Write ``data`` to ``dest`` whole or not at all: a temporary file beside it, then a rename."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def describe_protocol(settings: EvalSettings) -> str:
+    """``greedy`` or ``temperature 0.6, top-p 0.95, 4 samples per question``, for the output's first line."""
+    s = settings.sampling
+    if not settings.sampled:
+        return "greedy"
+    return (f"temperature {s.temperature:g}, top-p {s.top_p:g}, {settings.samples} sample"
+            f"{'s' if settings.samples > 1 else ''} per question")
+
+
 def score_table(scores: dict[str, BenchmarkScore]) -> str:
     """One row per benchmark: accuracy [95% interval], scored, no-answer share, hit-limit share, median
     reasoning tokens."""
@@ -93,19 +129,24 @@ def score_table(scores: dict[str, BenchmarkScore]) -> str:
 def eval_command(ref: str | None, *, base: str | None = None, base_revision: str | None = None,
                  template: str | None = None, benchmarks: str = DEFAULT_BENCHMARKS, limit: int | None = None,
                  seed: int = 0, max_new_tokens: int = DEFAULT_EVAL_MAX_NEW_TOKENS,
+                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, samples: int = 1,
+                 samples_out: str | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, data_files: Sequence[str] = (), artifact: str = "merged",
                  store: str | None = None, registry: str | None = None, as_json: bool = False,
                  record: bool = False, cache_dir: str | None = None,
                  out: TextIO | None = None, record_as: str | None = None) -> dict[str, BenchmarkScore]:
     """``medft eval``: score REF (a registry ref or run folder) or, with ``base``, a base model (any
-    ``model.base`` URI, asked with ``template``, default ``r1-medical``) on ``benchmarks``; returns the scores
-    by benchmark. With ``record``, REF must be a registry ref: the scores are appended to that version's
-    ``evaluations``, and the output says so. With ``record_as`` (``base`` only), the base's scores are recorded
-    as ``NAME@base`` (:meth:`registry.registry.Registry.record_base_evaluation`).
+    ``model.base`` URI, asked with ``template``, default ``r1-medical``) on ``benchmarks``, ``samples`` answers
+    per question at ``temperature``/``top_p`` (0: greedy), seeded from ``seed``; returns the scores by
+    benchmark. ``samples_out``: write every answer there (JSONL). With ``record``, REF must be a registry ref:
+    the answers files are stored beside that version and the scores appended to its ``evaluations``, and the
+    output says so. With ``record_as`` (``base`` only), the base's scores and answers files are recorded as
+    ``NAME@base`` (:meth:`registry.registry.Registry.record_base_evaluation`).
 
     Raises ConfigError (exit 2) for bad usage (REF and ``--base`` both or neither, ``template`` or
     ``base_revision`` with REF, an unknown benchmark or template, a bad or repeated ``--data`` item,
-    ``record`` without a registry ref), and what loading questions (DataError 3, NotFoundError 4,
+    ``record`` without a registry ref, several samples of greedy decoding, a bad temperature or top-p, a
+    ``samples_out`` that is a folder or in none), and what loading questions (DataError 3, NotFoundError 4,
     AccessDeniedError 5, TransientError 75), resolving the ref, loading the weights and writing the record
     (ConflictError 75, the store's errors) raise; the scores are printed before a failed write's error.
     """
@@ -126,8 +167,9 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
     unused = sorted(set(choices) - set(names))
     if unused:
         raise ConfigError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks {','.join(names)}")
-    settings = EvalSettings(sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
-                            batch_size=batch_size)
+    settings = EvalSettings(sampling=Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                              seed=seed), batch_size=batch_size, samples=samples)
+    dest = check_samples_out(samples_out) if samples_out is not None else None
     if base is not None:
         from job.templates import TEMPLATES
 
@@ -145,32 +187,38 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
         version = resolve_ref(str(ref), store=store, registry=registry)
         loaded = load(version, artifact)
     try:
-        scores = score_suite(loaded, suite, settings)
+        scored = score_suite(loaded, suite, settings)
     finally:
         label = loaded.label
         unload(loaded)
+    scores = {name: s.score for name, s in scored.items()}
     log.info("eval.done", ref=label, benchmarks=list(scores))
     payload: dict[str, Any] = {"ref": label, "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
-                               "benchmarks": {n: dump(s) for n, s in scores.items()}}
+                               "temperature": temperature, "top_p": top_p if settings.sampled else None,
+                               "samples": samples, "benchmarks": {n: dump(s) for n, s in scores.items()}}
     if not as_json:
-        out.write(f"{label}: greedy, max {max_new_tokens} new tokens"
-                  + (f", {limit} questions per benchmark (seed {seed})" if limit else "") + "\n")
+        out.write(f"{label}: {describe_protocol(settings)}, max {max_new_tokens} new tokens"
+                  + (f", {limit} questions per benchmark" if limit else "")
+                  + (f" (seed {seed})" if limit or settings.sampled else "") + "\n")
         out.write(score_table(scores) + "\n")
         out.flush()
     try:
+        if dest is not None:
+            write_whole(dest, b"".join(s.answers for s in scored.values()))
+            payload["samples_out"] = str(dest)
+            if not as_json:
+                out.write(f"every answer written to {dest}\n")
         if record_as is not None and base is not None:
-            from registry.registry import Registry, current_user
-            from registry.runs import now_iso
-
-            Registry.at(store, registry).record_base_evaluation(record_as, base, base_revision, EvaluationRecord(
-                benchmarks=scores, artifact="base", evaluated_at=now_iso(), by=current_user()))
-            payload["recorded"] = {"ref": f"{record_as}@base"}
+            payload["recorded"] = _record_base(record_as, base, base_revision, scored, store, registry)
             if not as_json:
                 out.write(f"recorded as {record_as}@base (compare it: medft registry compare {record_as}@base ...)\n")
         if record:
-            payload["recorded"] = _record(label, scores, artifact, store, registry)
+            payload["recorded"] = _record(label, scored, artifact, store, registry)
+            scores = payload["recorded"].pop("scores")
+            payload["benchmarks"] = {n: dump(s) for n, s in scores.items()}
             if not as_json:
-                out.write(f"recorded as evaluation {payload['recorded']['evaluation']} of {label}\n")
+                out.write(f"recorded as evaluation {payload['recorded']['evaluation']} of {label}; answers kept at "
+                          + ", ".join(payload["recorded"]["answers"].values()) + "\n")
     finally:  # the scores are printed even when the record could not be written
         if as_json:
             out.write(json.dumps(payload, indent=2) + "\n")
@@ -178,19 +226,43 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
     return scores
 
 
-def _record(label: str, scores: dict[str, BenchmarkScore], artifact: str, store: str | None,
+def _record_base(name: str, base: str, revision: str | None, scored: dict[str, ScoredBenchmark], store: str | None,
+                 registry: str | None) -> dict[str, Any]:
+    """Store the base's answers files (as version 0 of ``name``: ``models/<name>/answers/0/``), then record its
+    scores, each naming its file, as ``NAME@base``; returns ``{"ref": "NAME@base", "answers": {benchmark: URL}}``."""
+    from registry.answers import put_answers
+    from registry.registry import Registry, current_user
+    from registry.runs import now_iso
+
+    reg = Registry.at(store, registry)
+    scores = {bench: s.kept_at(put_answers(reg.store, name, 0, bench, s.answers)) for bench, s in scored.items()}
+    reg.record_base_evaluation(name, base, revision, EvaluationRecord(
+        benchmarks=scores, artifact="base", evaluated_at=now_iso(), by=current_user()))
+    log.info("eval.recorded", ref=f"{name}@base", benchmarks=list(scores))
+    return {"ref": f"{name}@base",
+            "answers": {bench: reg.store.url(str(s.answers_file.path)) for bench, s in scores.items() if s.answers_file}}
+
+
+def _record(label: str, scored: dict[str, ScoredBenchmark], artifact: str, store: str | None,
             registry: str | None) -> dict[str, Any]:
-    """Append ``scores`` to the ``evaluations`` of the registered version ``label`` (``NAME:VERSION``, the
-    version the ref resolved to before scoring, even if an alias has moved since); returns where they went:
-    ``{"ref": label, "evaluation": n}`` (1 for the first)."""
+    """Store each benchmark's answers file beside the registered version ``label`` (``NAME:VERSION``, the
+    version the ref resolved to before scoring, even if an alias has moved since; create-only, under
+    ``models/<name>/answers/<version>/`` in the registry), then append the scores, each naming its file, to
+    its ``evaluations``; returns where they went: ``{"ref": label, "evaluation": n, "answers": {benchmark:
+    the answers file's URL}, "scores": {benchmark: score as recorded}}`` (n is 1 for the first)."""
+    from registry.answers import put_answers
     from registry.registry import Registry, current_user, parse_ref
     from registry.runs import now_iso
 
     name, number, _ = parse_ref(label)
     assert number is not None, label  # a registry ref resolves to NAME:VERSION
+    reg = Registry.at(store, registry)
+    # The files first: a record never names an answers file that is not there.
+    scores = {bench: s.kept_at(put_answers(reg.store, name, number, bench, s.answers)) for bench, s in scored.items()}
     evaluation = EvaluationRecord(benchmarks=scores, artifact=artifact, evaluated_at=now_iso(), by=current_user())
-    stored = Registry.at(store, registry).record_evaluation(name, number, evaluation)
+    stored = reg.record_evaluation(name, number, evaluation)
     # Its place in the list as written (another may have been appended right after it).
     position = [dump(e) for e in stored.evaluations].index(dump(evaluation)) + 1
     log.info("eval.recorded", ref=label, benchmarks=list(scores), evaluation=position)
-    return {"ref": label, "evaluation": position}
+    answers = {bench: reg.store.url(str(s.answers_file.path)) for bench, s in scores.items() if s.answers_file}
+    return {"ref": label, "evaluation": position, "answers": answers, "scores": scores}

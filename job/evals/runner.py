@@ -6,26 +6,25 @@ questions and :class:`EvalSettings`, and:
 
 1. builds each prompt from :func:`~job.medical_benchmarks.prompt_text` through the model's own template, so
    the model is asked as it was taught and its response opens with ``<think>\\n``;
-2. sorts the prompts by length (longest first: similar lengths share a batch, so little padding is
-   computed, and the largest batch runs first, so running out of memory shows at once), and generates
-   ``batch_size`` at a time with LEFT padding (every row's last prompt token sits at the same position, so
-   the new tokens line up) and the KV cache, greedy unless the settings ask for sampling;
-3. stops each row at its first stop token (``job.inference.stop_ids``: the tokenizer's EOS and the
-   model's generation EOS ids) or at ``max_new_tokens``, and records per question the completion, its token
-   counts, whether the model stopped by itself, and the choice :func:`~job.evals.extract.extract_choice`
-   reads from it;
+2. asks each question ``settings.samples`` (K) times; with sampling (``temperature > 0``) answer k of
+   question q gets its own seed, :func:`answer_seed` of (the settings' seed, q's id, k), so an answer does not
+   depend on what else is generated with it;
+3. generates every answer through :func:`_generate_all`, the one call into the generation engine, which
+   stops each at its first stop token (``job.inference.stop_ids``: the tokenizer's EOS and the model's
+   generation EOS ids) or at ``max_new_tokens``; and records per answer the completion, its token counts,
+   whether the model stopped by itself, and the choice :func:`~job.evals.extract.extract_choice` reads from it;
 4. scores the items (:func:`~job.evals.scoring.score`).
 
-Greedy decoding gives the same completions batched and one question at a time (left padding is masked and
-positions follow the mask), and the same ones on every run. Seeded sampling (``temperature > 0`` with a
-seed) repeats on the same machine with the same batch size.
+Greedy decoding gives the same completions batched and one question at a time, and the same ones on every
+run. Seeded sampling repeats on the same machine.
 
-The engine prints nothing: ``progress(done, total)`` is called after every batch (the suite turns it into
+The engine prints nothing: ``progress(done, total)`` is called as answers finish (the suite turns it into
 a :mod:`registry.progress` task, so it shows as a bar on a terminal and nowhere else).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +41,11 @@ from registry.logs import get_logger
 
 log = get_logger(__name__)
 
-#: ``progress(done, total)``: called after every batch with the questions answered so far.
+#: ``progress(done, total)``: called as answers finish, with the answers generated so far.
 Progress = Callable[[int, int], None]
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_EVAL_MAX_NEW_TOKENS = 1024
+#: Published R1-style medical evaluations let an answer reason for 2,000-2,048 tokens (README, Evaluate).
+DEFAULT_EVAL_MAX_NEW_TOKENS = 2048
 
 
 def _greedy() -> Sampling:
@@ -54,14 +54,45 @@ def _greedy() -> Sampling:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How to generate: ``sampling`` (greedy by default: ``temperature=0``) and ``batch_size`` prompts at once."""
+    """How to generate: ``sampling`` (greedy here by default: ``temperature=0``; its ``seed``, None read as 0,
+    seeds every answer), ``samples`` answers per question, at most ``batch_size`` prompts at once.
+
+    Raises ConfigError for ``batch_size`` or ``samples`` below 1, and for several samples of greedy decoding
+    (they would be the same answer K times)."""
 
     sampling: Sampling = field(default_factory=_greedy)
     batch_size: int = DEFAULT_BATCH_SIZE
+    samples: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {self.samples}")
+        if self.samples > 1 and self.sampling.temperature == 0:
+            raise ConfigError(f"--samples {self.samples} with --temperature 0: greedy decoding gives the same answer "
+                              "every time; sample (e.g. --temperature 0.6) or use --samples 1")
+
+    @property
+    def sampled(self) -> bool:
+        return self.sampling.temperature > 0
+
+
+def answer_seed(seed: int, question_id: str, sample: int) -> int:
+    """The sampling seed of answer ``sample`` to question ``question_id`` under the run's ``seed``: the first
+    32 bits of sha256(seed, id, sample), so it is the same on every machine and run, and differs between
+    questions and samples."""
+    digest = hashlib.sha256(f"{seed}\x00{question_id}\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its new token ids up to and including the first stop token, and whether a stop
+    token ended it (False: ``max_new_tokens`` did). The shape of ``job.inference.batching.Completion``."""
+
+    ids: list[int]
+    stopped: bool
 
 
 @dataclass(frozen=True)
@@ -101,12 +132,45 @@ def _generate(loaded: Loaded, prompts: list[list[int]], config: Any, pad_id: int
     return [[int(t) for t in row] for row in out[:, input_ids.shape[1]:].tolist()]
 
 
-def _until_stop(new: list[int], stops: set[int]) -> tuple[list[int], bool]:
+def _until_stop(new: list[int], stops: set[int]) -> Completion:
     """The completion up to and including its first stop token, and whether there was one."""
     for n, token in enumerate(new):
         if token in stops:
-            return new[:n + 1], True
-    return new, False
+            return Completion(new[:n + 1], True)
+    return Completion(new, False)
+
+
+def _generate_all(loaded: Loaded, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None,
+                  batch_size: int, progress: Progress | None) -> list[Completion]:
+    """Every prompt's completion, in order: the one call into the generation engine.
+
+    Today's static engine: greedy prompts sorted by length (longest first: similar lengths share a batch, so
+    little padding is computed, and the largest batch runs first, so running out of memory shows at once) and
+    generated ``batch_size`` at a time, LEFT-padded (every row's last prompt token at the same position) with
+    the KV cache; sampled prompts one at a time, each after ``set_seed(seeds[i])``, so every answer keeps its
+    own seed. ``job.inference.batching.generate_many(loaded, prompts, sampling, seeds=seeds,
+    max_in_flight=batch_size, progress=progress)`` replaces this whole function.
+    """
+    stops = stop_ids(loaded)
+    config = generation_config(loaded, sampling, stops)
+    pad_id = int(config.pad_token_id)
+    stop_set = set(stops)
+    out: dict[int, Completion] = {}
+    if seeds is None:
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        batches = _batches(order, batch_size)
+    else:
+        batches = [[i] for i in range(len(prompts))]
+    for batch in batches:
+        if seeds is not None:
+            from transformers import set_seed
+
+            set_seed(seeds[batch[0]])
+        for i, new in zip(batch, _generate(loaded, [prompts[i] for i in batch], config, pad_id)):
+            out[i] = _until_stop(new, stop_set)
+        if progress is not None:
+            progress(len(out), len(prompts))
+    return [out[i] for i in range(len(prompts))]
 
 
 def reasoning_tokens(ids: list[int], decode: Callable[[list[int]], str]) -> int:
@@ -125,53 +189,45 @@ def reasoning_tokens(ids: list[int], decode: Callable[[list[int]], str]) -> int:
     return lo - 1
 
 
-def _item(question: Question, prompt: list[int], new: list[int], stops: set[int],
-          decode: Callable[[list[int]], str]) -> ItemResult:
-    ids, stopped = _until_stop(new, stops)
+def _item(question: Question, prompt: list[int], generated: Completion, decode: Callable[[list[int]], str],
+          sample: int, seed: int | None) -> ItemResult:
+    ids, stopped = generated.ids, generated.stopped
     body = ids[:-1] if stopped else ids
     completion = decode(body)
     return ItemResult(id=question.id, gold=question.gold,
                       choice=extract_choice(completion, question.options, stopped=stopped), completion=completion,
                       prompt_tokens=len(prompt), completion_tokens=len(ids),
-                      reasoning_tokens=reasoning_tokens(body, decode), stopped=stopped)
+                      reasoning_tokens=reasoning_tokens(body, decode), stopped=stopped, sample=sample, seed=seed)
 
 
 def run_benchmark(loaded: Loaded, benchmark: str, questions: Sequence[Question], settings: EvalSettings = EvalSettings(),
                   *, progress: Progress | None = None) -> BenchmarkRun:
-    """Ask ``loaded`` every question and score the answers as ``benchmark`` (see the module docstring).
+    """Ask ``loaded`` every question ``settings.samples`` times and score the answers as ``benchmark`` (see the
+    module docstring). ``progress(done, total)`` counts answers.
 
     Raises ConfigError when there are no questions or the tokenizer has no EOS token (generation could not
     stop).
     """
     if not questions:
         raise ConfigError(f"benchmark {benchmark}: no questions to ask")
-    stops = stop_ids(loaded)
-    if not stops:
+    if not stop_ids(loaded):
         raise ConfigError(f"{loaded.label}: its tokenizer defines no eos_token, so generation could not stop")
-    config = generation_config(loaded, settings.sampling, stops)
-    pad_id = int(config.pad_token_id)
     decode = decoder(loaded.tokenizer)
     prompts = [loaded.prompt_ids(prompt_text(q)) for q in questions]
-    order = sorted(range(len(questions)), key=lambda i: (-len(prompts[i]), i))
-    if settings.sampling.seed is not None:
-        from transformers import set_seed
-
-        set_seed(settings.sampling.seed)
-    stop_set = set(stops)
-    items: dict[int, ItemResult] = {}
+    asked = [(q, k) for q in range(len(questions)) for k in range(settings.samples)]
+    base_seed = settings.sampling.seed or 0
+    seeds = [answer_seed(base_seed, questions[q].id, k) for q, k in asked] if settings.sampled else None
     started = time.perf_counter()
-    for batch in _batches(order, settings.batch_size):
-        outputs = _generate(loaded, [prompts[i] for i in batch], config, pad_id)
-        for i, new in zip(batch, outputs):
-            items[i] = _item(questions[i], prompts[i], new, stop_set, decode)
-        if progress is not None:
-            progress(len(items), len(questions))
+    completions = _generate_all(loaded, [prompts[q] for q, _ in asked], settings.sampling, seeds, settings.batch_size,
+                                progress)
     seconds = time.perf_counter() - started
-    ordered = tuple(items[i] for i in range(len(questions)))
-    result = score(benchmark, ordered)
-    generated = sum(item.completion_tokens for item in ordered)
+    items = tuple(_item(questions[q], prompts[q], generated, decode, k, seeds[n] if seeds is not None else None)
+                  for n, ((q, k), generated) in enumerate(zip(asked, completions, strict=True)))
+    result = score(benchmark, items)
+    generated = sum(item.completion_tokens for item in items)
     log.info("eval.benchmark_scored", ref=loaded.label, benchmark=benchmark, questions=result.scored,
+             samples=settings.samples, temperature=settings.sampling.temperature,
              accuracy=round(result.accuracy, 4), interval=[round(x, 4) for x in result.interval],
              no_answer_share=round(result.no_answer_share, 4), hit_limit_share=round(result.hit_limit_share, 4),
              seconds=round(seconds, 2), tokens_per_s=round(generated / seconds, 1) if seconds > 0 else None)
-    return BenchmarkRun(result=result, items=ordered, seconds=round(seconds, 3), generated_tokens=generated)
+    return BenchmarkRun(result=result, items=items, seconds=round(seconds, 3), generated_tokens=generated)

@@ -1,13 +1,15 @@
-"""Per-item records to one benchmark's result, and the comparison of two results.
+"""Per-answer records to one benchmark's result, and the comparison of two results.
 
-:class:`ItemResult` is what the runner records per question; :func:`score` turns a benchmark's items into a
-:class:`BenchmarkResult`:
+:class:`ItemResult` is what the runner records per answer (K per question with ``--samples K``); :func:`score`
+turns a benchmark's items into a :class:`BenchmarkResult` through :func:`registry.answers.summarize`, the
+same computation that checks a recorded score against its answers file:
 
-* ``accuracy``: correct / scored; an item with no extractable answer counts as wrong;
-* ``interval``: the Wilson score interval for that proportion at 95% (:func:`wilson_interval`), which,
-  unlike the normal approximation, stays inside [0, 1] and is sensible at 0 or n successes;
-* ``no_answer_share``: items whose completion had no extractable answer;
-* ``hit_limit_share``: items that never stopped (cut off at ``max_new_tokens``);
+* ``accuracy``: correct answers / all answers; an answer with nothing extractable counts as wrong;
+* ``interval``: at 95%, the Wilson score interval (:func:`wilson_interval`; it stays inside [0, 1] and is
+  sensible at 0 or n successes) over the questions, at the effective number of answers when each question
+  was answered K > 1 times (their answers are correlated; see :mod:`registry.answers`);
+* ``no_answer_share``: answers with no extractable choice;
+* ``hit_limit_share``: answers that never stopped (cut off at ``max_new_tokens``);
 * ``median_reasoning_tokens``: the median number of completion tokens before the last ``</think>`` (all of
   them when there is none).
 
@@ -17,25 +19,22 @@ overlap, for the alias gate ("does version B score at least as well as version A
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from registry.errors import ConfigError
-
-#: The standard normal quantile for a two-sided 95% interval.
-Z_95 = 1.959963984540054
+from registry.answers import Z_95, AnswerRow, summarize, wilson
+from registry.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
 class ItemResult:
-    """One question as answered: the completion, its token counts, how it ended and what it chose.
+    """One answer to a question: the completion, its token counts, how it ended and what it chose.
 
     ``stopped``: the model ended with a stop token (EOS); False means it hit ``max_new_tokens``.
     ``choice``: the extracted letter (None: no extractable answer). ``reasoning_tokens``: completion tokens
-    before the last ``</think>`` (all of them without one).
+    before the last ``</think>`` (all of them without one). ``sample``: which of the question's answers
+    (0..K-1); ``seed``: its sampling seed (None when greedy).
     """
 
     id: str
@@ -46,6 +45,8 @@ class ItemResult:
     completion_tokens: int
     reasoning_tokens: int
     stopped: bool
+    sample: int = 0
+    seed: int | None = None
 
     @property
     def correct(self) -> bool:
@@ -53,6 +54,14 @@ class ItemResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "correct": self.correct}
+
+    def to_row(self, benchmark: str) -> AnswerRow:
+        """The answer as the answers file keeps it (:class:`registry.answers.AnswerRow`)."""
+        return AnswerRow(benchmark=benchmark, question_id=self.id, sample=self.sample, seed=self.seed,
+                         prompt_tokens=self.prompt_tokens, completion=self.completion,
+                         completion_tokens=self.completion_tokens, reasoning_tokens=self.reasoning_tokens,
+                         choice=self.choice, gold=self.gold, correct=self.correct,
+                         stop="stop" if self.stopped else "length")
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class BenchmarkResult:
     no_answer_share: float
     hit_limit_share: float
     median_reasoning_tokens: float
+    samples: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -93,28 +103,22 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     """
     if n < 1 or not 0 <= successes <= n:
         raise ConfigError(f"a Wilson interval needs 0 <= successes <= n and n >= 1, got {successes}/{n}")
-    p = successes / n
-    z2 = z * z
-    denominator = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
-    # At 0/n and n/n the ends are exactly 0 and 1; floating point would leave them a hair off.
-    lower = 0.0 if successes == 0 else max(0.0, centre - half)
-    upper = 1.0 if successes == n else min(1.0, centre + half)
-    return lower, upper
+    return wilson(successes / n, n, z)
 
 
 def score(benchmark: str, items: Sequence[ItemResult]) -> BenchmarkResult:
-    """The result of ``benchmark`` over ``items``; ConfigError when there are none."""
-    n = len(items)
-    if n == 0:
+    """The result of ``benchmark`` over ``items`` (every answer, K per question); ConfigError when there are
+    none or the questions were not all answered K times."""
+    if not items:
         raise ConfigError(f"benchmark {benchmark}: no questions were scored")
-    correct = sum(item.correct for item in items)
+    try:
+        s = summarize([item.to_row(benchmark) for item in items], f"benchmark {benchmark}")
+    except DataError as e:
+        raise ConfigError(e.message) from None
     return BenchmarkResult(
-        benchmark=benchmark, accuracy=correct / n, interval=wilson_interval(correct, n), correct=correct, scored=n,
-        no_answer_share=sum(item.choice is None for item in items) / n,
-        hit_limit_share=sum(not item.stopped for item in items) / n,
-        median_reasoning_tokens=float(statistics.median(item.reasoning_tokens for item in items)))
+        benchmark=benchmark, accuracy=s.accuracy, interval=s.interval, correct=s.correct, scored=s.scored,
+        no_answer_share=s.no_answer_share, hit_limit_share=s.hit_limit_share,
+        median_reasoning_tokens=s.median_reasoning_tokens, samples=s.samples)
 
 
 def compare(reference: BenchmarkResult, candidate: BenchmarkResult) -> Comparison:

@@ -48,14 +48,53 @@ def test_eval_scores_a_base_model_as_a_table_and_as_json(tiny_model_dir: Path, t
         assert 0 <= low <= score["accuracy"] <= high <= 1 and high - low > 0.3  # 3 questions: a wide interval
         assert 0 <= score["no_answer_share"] <= 1 and 0 <= score["hit_limit_share"] <= 1
         assert score["median_reasoning_tokens"] <= 6 and len(score["content_sha256"]) == 64
-    code, table, err = run_main(args, capsys)
+        # DeepSeek's protocol by default, recorded with the score.
+        assert (score["temperature"], score["top_p"], score["samples"], score["seed"]) == (0.6, 0.95, 1, 0)
+    code, table, err = run_main([*args, "--temperature", "0"], capsys)
     assert code == 0, err[-2000:]
     lines = table.splitlines()
     assert lines[0].endswith("greedy, max 6 new tokens, 3 questions per benchmark (seed 0)")
     assert lines[1].split()[:4] == ["BENCHMARK", "ACCURACY", "[95%", "CI]"]
-    medqa = data["benchmarks"]["medqa"]
     row = lines[2].split()
-    assert row[0] == "medqa" and row[1] == f"{medqa['accuracy']:.1%}" and row[4] == "3"  # greedy: the same again
+    assert row[0] == "medqa" and row[4] == "3"
+
+
+def test_eval_samples_each_question_k_times_and_keeps_every_answer(tiny_model_dir: Path, tmp_path: Path,
+                                                                   eval_env: None,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--samples 2: two seeded answers per question, all of them in --samples-out, the score recomputable from
+    them; the same command gives the same answers again (seeded sampling repeats on one machine)."""
+    from job.evals.runner import answer_seed
+    from registry import answers
+
+    out_file = tmp_path / "answers.jsonl"
+    args = ["eval", "--base", str(tiny_model_dir), "--benchmarks", "medqa", "--limit", "3", "--max-new-tokens", "6",
+            "--samples", "2", "--seed", "5", "--samples-out", str(out_file), "--json",
+            "--data", f"medqa={write_benchmark(tmp_path, 'medqa')}"]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err[-2000:]
+    score = json.loads(out)["benchmarks"]["medqa"]
+    rows = answers.parse(out_file.read_bytes(), str(out_file))
+    assert [(r.question_id, r.sample) for r in rows][:2] == [(rows[0].question_id, 0), (rows[0].question_id, 1)]
+    assert len(rows) == 6 and all(r.seed == answer_seed(5, r.question_id, r.sample) for r in rows)
+    assert all(r.stop in ("stop", "length") and r.gold in "ABCD" for r in rows)
+    assert (score["samples"], score["scored"], score["seed"]) == (2, 3, 5)
+    assert answers.differences(score, answers.summarize(rows)) == []
+    first = out_file.read_bytes()
+    assert run_main(args, capsys)[0] == 0 and out_file.read_bytes() == first
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--samples", "3", "--temperature", "0"], "--samples 3 with --temperature 0: greedy decoding gives the same"),
+    (["--samples-out", "/"], "--samples-out /: is a folder"),
+    (["--samples-out", "/nonexistent/a.jsonl"], "folder /nonexistent does not exist"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+])
+def test_eval_protocol_usage_errors_exit_2_before_loading(tiny_model_dir: Path, eval_env: None, args: list[str],
+                                                         needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["eval", "--base", "/nonexistent-model", "--benchmarks", "medqa", *args], capsys)
+    assert code == 2 and out == "" and needle in error_lines(err)[0], err
 
 
 @pytest.mark.parametrize(("args", "code", "needle"), [
@@ -143,6 +182,12 @@ def test_the_job_scores_benchmarks_before_and_after_training(tiny_model_dir: Pat
         assert score["accuracy"] == score["correct"] / 4 and len(score["interval"]) == 2
     assert metrics["benchmarks_before"]["medqa"]["content_sha256"] == metrics["benchmarks_after"]["medqa"][
         "content_sha256"]  # the same questions before and after
+    # Every answer is published in the run, listed in its manifest, named by each score with its hash.
+    files = read_manifest(open_store(s3_bucket), "run-bench")["files"]
+    for when in ("before", "after"):
+        kept = metrics[f"benchmarks_{when}"]["medqa"]["answers_file"]
+        assert kept["path"] == f"benchmarks/{when}/medqa.jsonl" and files[kept["path"]]["sha256"] == kept["sha256"]
+        assert metrics[f"benchmarks_{when}"]["medqa"]["temperature"] == 0.6
 
     # The registry version holds them; so does the model card, with intervals.
     version = Registry.open(s3_bucket + "/registry").get("tiny@candidate")
@@ -174,17 +219,22 @@ def test_the_job_scores_benchmarks_before_and_after_training(tiny_model_dir: Pat
     [evaluation] = Registry.open(s3_bucket + "/registry").get("tiny:1").evaluations
     printed = json.loads(out)
     assert dump(evaluation.benchmarks["medqa"]) == printed["benchmarks"]["medqa"]
-    assert printed["recorded"] == {"ref": "tiny:1", "evaluation": 1}
+    assert (printed["recorded"]["ref"], printed["recorded"]["evaluation"]) == ("tiny:1", 1)
+    kept = evaluation.benchmarks["medqa"].answers_file
+    assert kept is not None and kept.path is not None and kept.path.startswith("models/tiny/answers/1/medqa-")
+    assert printed["recorded"]["answers"] == {"medqa": f"{s3_bucket}/registry/{kept.path}"}
     assert evaluation.artifact == "merged" and evaluation.evaluated_at
     code, out, err = run_main(["eval", "tiny:1", "--benchmarks", "medqa", "--limit", "4", "--max-new-tokens", "6",
                                "--data", f"medqa={medqa}", "--record", "--store", s3_bucket], capsys)
-    assert code == 0 and out.splitlines()[-1] == "recorded as evaluation 2 of tiny:1", err[-2000:]
+    assert code == 0 and out.splitlines()[-1].startswith("recorded as evaluation 2 of tiny:1; answers kept at "
+                                                         f"{s3_bucket}/registry/models/tiny/answers/1/medqa-"), err
     evaluation, latest = Registry.open(s3_bucket + "/registry").get("tiny:1").evaluations
     code, out, err = run_main(["registry", "compare", "tiny:1", "tiny@candidate", "--store", s3_bucket], capsys)
     assert code == 0, err
     [row] = [line for line in out.splitlines() if line.startswith("medqa scored by")]
     assert row.split()[3:6] == ["medft", "eval", latest.evaluated_at]  # the latest score counts
     code, out, err = run_main(["registry", "show", "tiny:1", "--store", s3_bucket], capsys)
+    assert sum(line.startswith("  answers      ") for line in out.splitlines()) == 4  # before, after, 2 evals
     first = [line for line in out.splitlines() if line.startswith("  evaluated ")][0]
     assert first.split()[1:3] == ["medqa", f"{evaluation.benchmarks['medqa'].accuracy:.1%}"]
     assert f"(merged, {evaluation.evaluated_at}, by " in first

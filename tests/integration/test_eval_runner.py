@@ -99,6 +99,27 @@ def test_batched_greedy_equals_one_at_a_time(model: str, tiny_model_dir: Path, t
     _check_against_reference(loaded, questions, _one_at_a_time(loaded, questions, MAX_NEW), MAX_NEW)
 
 
+def test_a_sampled_answer_depends_on_its_seed_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Answer k to question q is sampled with the seed of (run seed, q, k): asked with other questions or
+    alone, in another batch size, it is the same answer; another run seed gives other answers."""
+    loaded = _loaded(tiny_model_dir)
+    questions = _questions(tmp_path)[1:4]  # a MedQA and a PubMedQA prompt length among them
+
+    def sampled(qs: list[Question], seed: int, batch_size: int) -> dict[tuple[str, int], tuple[str, int | None]]:
+        settings = EvalSettings(sampling=Sampling(max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=seed),
+                                batch_size=batch_size, samples=2)
+        run = run_benchmark(loaded, "mixed", qs, settings)
+        assert [(i.id, i.sample) for i in run.items] == [(q.id, k) for q in qs for k in range(2)]
+        return {(i.id, i.sample): (i.completion, i.seed) for i in run.items}
+
+    together = sampled(questions, 3, 4)
+    alone = sampled(questions[2:3], 3, 1)
+    assert alone == {key: together[key] for key in alone}
+    assert together[(questions[2].id, 0)][0] != together[(questions[2].id, 1)][0]  # two samples, two answers
+    other = sampled(questions[2:3], 4, 1)
+    assert [c for c, _ in other.values()] != [c for c, _ in alone.values()]
+
+
 def test_rows_stop_on_their_own_within_a_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A random model never says EOS; declare a token it emits for some questions (not all) a stop token,
     so a batch holds rows that stop early beside rows that run to the limit."""
@@ -213,7 +234,7 @@ def test_the_suite_reports_each_benchmark_as_a_progress_task(tmp_path: Path) -> 
                     backend="transformers")
     recorder = RecordingProgress()
     scores = score_suite(loaded, suite, EvalSettings(batch_size=2), progress=recorder)
-    assert {name: score.accuracy for name, score in scores.items()} == {"medqa": 1.0, "pubmedqa": 1.0}
+    assert {name: s.score.accuracy for name, s in scores.items()} == {"medqa": 1.0, "pubmedqa": 1.0}
     assert [(t.description, t.total, t.done, t.closed) for t in recorder.tasks] == [
         (f"{data.spec.name} (scripted)", len(data.questions), len(data.questions), True) for data in suite]
     assert all(a <= 2 for t in recorder.tasks for a in t.advances)  # advanced batch by batch

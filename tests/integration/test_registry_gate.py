@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
+from registry.answers import put_answers
 from registry.errors import ConfigError, DataError
 from registry.records import BenchmarkScore, EvaluationRecord
 from registry.registry import Registry
 from tests.alias_race import move_alias_before_our_write
 from tests.cli import error_lines, run_main
 from tests.conftest import SAMPLE_RECORD
+from tests.eval_factory import answers_and_score
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -31,31 +33,30 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("s3_bucket")
 
 
-def _score(accuracy: float, scored: int = 200) -> dict[str, Any]:
-    correct = round(accuracy * scored)
-    return {"benchmark": "medqa", "accuracy": correct / scored, "interval": [max(0.0, accuracy - 0.07),
-                                                                           min(1.0, accuracy + 0.07)],
-            "correct": correct, "scored": scored, "no_answer_share": 0.05, "hit_limit_share": 0.02,
-            "median_reasoning_tokens": 412.0, "source": "hf://GBaker/MedQA-USMLE-4-options", "limit": scored,
-            "seed": 0, "content_sha256": "c" * 64, "max_new_tokens": 1024}
-
-
-def _record(medqa: float | None, lr: float = 2e-4, loss: float = 1.2) -> dict[str, Any]:
+def _record(medqa: float | None, lr: float = 2e-4, loss: float = 1.2, **change: Any
+            ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A run record scored ``medqa`` after training (``change``: arguments of :func:`answers_and_score`), and
+    the answers files to publish with it."""
     record = copy.deepcopy(SAMPLE_RECORD)
     record["metrics"]["eval_loss_after"] = loss
+    files: dict[str, bytes] = {}
     if medqa is not None:
-        record["metrics"]["benchmarks_before"] = {"medqa": _score(0.4)}
-        record["metrics"]["benchmarks_after"] = {"medqa": _score(medqa)}
+        before_data, before = answers_and_score(0.4, path="benchmarks/before/medqa.jsonl")
+        after_data, after = answers_and_score(medqa, **change)
+        record["metrics"]["benchmarks_before"] = {"medqa": before}
+        record["metrics"]["benchmarks_after"] = {"medqa": after}
+        files = {"benchmarks/before/medqa.jsonl": before_data, "benchmarks/after/medqa.jsonl": after_data}
     record["config"] = {"model": {"base": "hf://org/tiny"}, "train": {"max_steps": 1, "learning_rate": lr},
                         "output": {"run_id": f"run-{lr}"}}
-    return record
+    return record, files
 
 
 def _versions(store_uri: str, publish: Callable[..., str], scores: list[float | None]) -> Registry:
     """Model ``m`` with one version per score (v1 first); v1 is @production."""
     reg = Registry.open(store_uri + "/registry")
     for n, medqa in enumerate(scores, start=1):
-        run_uri = publish(store_uri, run_id=f"run-{n}", record=_record(medqa, lr=n * 1e-4, loss=1.5 - n / 10))
+        record, files = _record(medqa, lr=n * 1e-4, loss=1.5 - n / 10)
+        run_uri = publish(store_uri, run_id=f"run-{n}", record=record, files=files)
         reg.register("m", run_uri, aliases=["production"] if n == 1 else [])
     return reg
 
@@ -94,11 +95,10 @@ def test_gate_refuses_scores_taken_on_other_questions_or_token_limits(
     nothing about being better: the move is refused until both were scored the same way."""
     store_uri = str(tmp_path / "store")
     reg = Registry.open(store_uri + "/registry")
-    changes = [{}, {"content_sha256": "d" * 64, "scored": 50, "limit": 50}, {"max_new_tokens": 256}, {}]
+    changes: list[dict[str, Any]] = [{}, {"content_sha256": "d" * 64, "scored": 50}, {"max_new_tokens": 256}, {}]
     for n, change in enumerate(changes, start=1):
-        record = _record(0.55 + n / 100)
-        record["metrics"]["benchmarks_after"]["medqa"].update(change)
-        reg.register("m", publish_sample_run(store_uri, run_id=f"run-{n}", record=record),
+        record, files = _record(0.55 + n / 100, **change)
+        reg.register("m", publish_sample_run(store_uri, run_id=f"run-{n}", record=record, files=files),
                      aliases=["production"] if n == 1 else [])
     args = ["--require", "medqa", "--store", store_uri]
     for version, differs in [("2", "different questions"), ("3", "different max_new_tokens")]:
@@ -110,8 +110,11 @@ def test_gate_refuses_scores_taken_on_other_questions_or_token_limits(
     assert code == 0 and reg.get("m@production").version == 4
 
 
-def _evaluation(accuracy: float, when: str, **change: Any) -> EvaluationRecord:
-    score = BenchmarkScore.model_validate({**_score(accuracy), **change})
+def _evaluation(reg: Registry, version: int, accuracy: float, when: str, **change: Any) -> EvaluationRecord:
+    """A ``medft eval --record`` of ``m:version`` scoring ``accuracy``, its answers file stored as it stores it."""
+    data, score = answers_and_score(accuracy, **change)
+    kept = put_answers(reg.store, "m", version, "medqa", data)
+    score = BenchmarkScore.model_validate({**score, "answers_file": kept.model_dump()})
     return EvaluationRecord(benchmarks={"medqa": score}, artifact="merged", evaluated_at=when, by="tester")
 
 
@@ -122,11 +125,11 @@ def test_recorded_evaluations_rescore_versions_for_the_gate_and_compare(
     (``medft eval --record``) lets the gate judge it. The latest evaluation of a benchmark is the one that
     counts."""
     reg = _versions(store_uri, publish_sample_run, [0.55, None])
-    record = _record(0.70)
-    record["metrics"]["benchmarks_after"]["medqa"]["max_new_tokens"] = 256
-    reg.register("m", publish_sample_run(store_uri, run_id="run-3", record=record))
+    record, files = _record(0.70, max_new_tokens=256)
+    reg.register("m", publish_sample_run(store_uri, run_id="run-3", record=record, files=files))
     # Each refusal gives the command that scores the candidate as @production's version was scored.
-    rescore = re.escape(f"--benchmarks medqa --limit 200 --seed 0 --max-new-tokens 1024 --record --registry "
+    rescore = re.escape(f"--benchmarks medqa --limit 200 --seed 0 --max-new-tokens 1024 --temperature 0 --record "
+                        f"--registry "
                         f"{reg.uri}` (its questions came from hf://GBaker/MedQA-USMLE-4-options); or pass --force")
     with pytest.raises(ConfigError, match=f"m:2 has no medqa score .*; score it with `medft eval m:2 {rescore}"):
         reg.set_alias("m", 2, "production", require=["medqa"])
@@ -134,11 +137,11 @@ def test_recorded_evaluations_rescore_versions_for_the_gate_and_compare(
                                           f"{rescore}"):
         reg.set_alias("m", 3, "production", require=["medqa"])
 
-    reg.record_evaluation("m", 3, _evaluation(0.52, "2026-12-01T10:00:00Z"))  # re-scored at 1024: worse
+    reg.record_evaluation("m", 3, _evaluation(reg, 3, 0.52, "2026-12-01T10:00:00Z"))  # re-scored at 1024: worse
     with pytest.raises(ConfigError, match=r"m:3 scores 52.0% .* lower than m:1"):
         reg.set_alias("m", 3, "production", require=["medqa"])
-    reg.record_evaluation("m", 2, _evaluation(0.50, "2026-12-01T10:00:00Z"))
-    stored = reg.record_evaluation("m", 2, _evaluation(0.60, "2026-12-01T11:00:00Z"))  # the later one counts
+    reg.record_evaluation("m", 2, _evaluation(reg, 2, 0.50, "2026-12-01T10:00:00Z"))
+    stored = reg.record_evaluation("m", 2, _evaluation(reg, 2, 0.60, "2026-12-01T11:00:00Z"))  # the later one counts
     assert [e.benchmarks["medqa"].accuracy for e in stored.evaluations] == [0.5, 0.6]
     assert reg.set_alias("m", 2, "production", require=["medqa"]).version == 2
     assert reg.gate_overrides("m") == []
@@ -179,7 +182,7 @@ def test_a_corrupt_evaluation_is_refused_and_never_extended(tmp_path: Path, publ
                                         + r"; the registry record is corrupt$"):
         reg.get("m:1")
     with pytest.raises(DataError, match="registry record is corrupt"):
-        reg.record_evaluation("m", 1, _evaluation(0.6, "2026-12-01T10:00:00Z"))
+        reg.record_evaluation("m", 1, _evaluation(reg, 1, 0.6, "2026-12-01T10:00:00Z"))
     assert path.read_text() == json.dumps(doc)  # not extended
 
 
@@ -246,17 +249,19 @@ def test_compare_puts_versions_side_by_side(store_uri: str, publish_sample_run: 
     assert code == 0
     lines = {line.split("  ")[0].strip(): line for line in out.splitlines()}
     assert lines[""].split() == ["m:1", "@production", "m:2"]
-    assert lines["medqa"].split()[1:] == ["55.0%", "[48.0%,", "62.0%]", "-"]
+    assert lines["medqa"].split()[1:] == ["55.0%", "[48.1%,", "61.7%]", "-"]  # Wilson, 110 of 200
     assert lines["eval loss after"].split()[-2:] == ["1.4", "1.3"]
     assert lines["dataset"].split()[-2:] == ["hf://org/data", "hf://org/data"]
     assert lines["train.learning_rate"].split()[-2:] == ["0.0001", "0.0002"]
     assert lines["medqa questions"].split()[-2:] == ["200", "-"]
     assert lines["medqa max new tokens"].split()[-2:] == ["1024", "-"]
+    assert lines["medqa protocol"].split()[-2:] == ["greedy", "-"]
     assert "output.run_id" not in lines and "model.base" not in lines  # same everywhere, or always different
     code, out, _ = run_main(["registry", "compare", "m:1", "m:2", "--json", "--store", store_uri], capsys)
     data = json.loads(out)
     assert [v["ref"] for v in data["versions"]] == ["m:1", "m:2"]
-    assert data["versions"][0]["benchmarks"]["medqa"]["interval"] == pytest.approx([0.48, 0.62])
+    assert data["versions"][0]["benchmarks"]["medqa"]["interval"] == pytest.approx([0.4808, 0.6174], abs=1e-4)
+    assert data["versions"][0]["benchmarks_verified"] == {"medqa": True}
     assert data["versions"][1]["benchmarks"] == {}
     assert data["settings_that_differ"] == {"train.learning_rate": [0.0001, 0.0002]}
     code, _, err = run_main(["registry", "compare", "m:1", "--store", store_uri], capsys)
@@ -309,5 +314,9 @@ def test_the_rescore_suggestion_is_a_command_a_shell_takes() -> None:
 
     score = BenchmarkScore(source="file:///data/my medqa.jsonl", limit=50, seed=3, max_new_tokens=256)
     assert _rescore("m:2", "medqa", score, "s3://bucket/registry") == (
-        "`medft eval m:2 --benchmarks medqa --limit 50 --seed 3 --max-new-tokens 256 "
+        "`medft eval m:2 --benchmarks medqa --limit 50 --seed 3 --max-new-tokens 256 --temperature 0 "
         "--data 'medqa=/data/my medqa.jsonl' --record --registry s3://bucket/registry`")
+    sampled = BenchmarkScore(source="hf://x/y", seed=7, max_new_tokens=2048, temperature=0.6, top_p=0.95, samples=4)
+    assert _rescore("m:2", "medqa", sampled, "reg") == (
+        "`medft eval m:2 --benchmarks medqa --seed 7 --max-new-tokens 2048 --temperature 0.6 --top-p 0.95 "
+        "--samples 4 --record --registry reg` (its questions came from hf://x/y)")
