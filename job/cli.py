@@ -153,8 +153,8 @@ def chat(ref: str, artifact: str, max_new_tokens: int, temperature: float, top_p
 @click.option("--samples-out", metavar="FILE", default=None,
               help="Write every answer (question id, sample, seed, completion, choice, gold, stop reason) to FILE as "
                    "JSONL.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Questions generated at once.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most answers in flight; the engine sizes the number from free GPU memory below it.")
 @click.option("--data", "data_files", multiple=True, metavar="BENCHMARK=FILE",
               help="Read a benchmark from a local .jsonl/.parquet file in its dataset's schema (repeatable).")
 @click.option("--artifact", type=click.Choice(list(ARTIFACTS)), default="merged", show_default=True,

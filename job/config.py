@@ -268,7 +268,7 @@ class EvalConfig(_Section):
     benchmark_top_p: float = Field(0.95, gt=0, le=1)
     benchmark_samples: int = Field(1, ge=1)
     """Answers per question, each with its own seed; needs ``benchmark_temperature`` > 0."""
-    benchmark_batch_size: int = Field(16, gt=0)
+    benchmark_batch_size: int = Field(256, gt=0)
     benchmark_seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the ``benchmark_limit`` subset and of every sampled answer."""
     benchmark_sources: dict[str, BenchmarkSource] = {}

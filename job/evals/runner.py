@@ -9,14 +9,15 @@ questions and :class:`EvalSettings`, and:
 2. asks each question ``settings.samples`` (K) times; with sampling (``temperature > 0``) answer k of
    question q gets its own seed, :func:`answer_seed` of (the settings' seed, q's id, k), so an answer does not
    depend on what else is generated with it;
-3. generates every answer through :func:`_generate_all`, the one call into the generation engine, which
-   stops each at its first stop token (``job.inference.stop_ids``: the tokenizer's EOS and the model's
+3. generates every answer through :func:`job.inference.batching.generate_many` (continuous batching: a
+   finished answer's slot takes the next prompt at once; answers in flight sized from free GPU memory, at most
+   ``batch_size``), which stops each at its first stop token (``job.inference.stop_ids``: the tokenizer's EOS and the model's
    generation EOS ids) or at ``max_new_tokens``; and records per answer the completion, its token counts,
    whether the model stopped by itself, and the choice :func:`~job.evals.extract.extract_choice` reads from it;
 4. scores the items (:func:`~job.evals.scoring.score`).
 
 Greedy decoding gives the same completions batched and one question at a time, and the same ones on every
-run. Seeded sampling repeats on the same machine.
+run. A seeded sample depends on its seed, not on what shares its batch, and repeats on the same machine.
 
 The engine prints nothing: ``progress(done, total)`` is called as answers finish (the suite turns it into
 a :mod:`registry.progress` task, so it shows as a bar on a terminal and nowhere else).
@@ -28,11 +29,11 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from job.evals.extract import extract_choice
 from job.evals.scoring import BenchmarkResult, ItemResult, score
-from job.inference.generate import Sampling, decoder, generation_config, stop_ids
+from job.inference.batching import Completion, generate_many
+from job.inference.generate import Sampling, decoder, stop_ids
 from job.inference.loading import Loaded
 from job.medical_benchmarks import Question, prompt_text
 from job.templates import THINK_CLOSE
@@ -43,7 +44,8 @@ log = get_logger(__name__)
 
 #: ``progress(done, total)``: called as answers finish, with the answers generated so far.
 Progress = Callable[[int, int], None]
-DEFAULT_BATCH_SIZE = 16
+#: The most answers in flight; the continuous engine sizes the number from free GPU memory below it.
+DEFAULT_BATCH_SIZE = 256
 #: Published R1-style medical evaluations let an answer reason for 2,000-2,048 tokens (README, Evaluate).
 DEFAULT_EVAL_MAX_NEW_TOKENS = 2048
 
@@ -87,15 +89,6 @@ def answer_seed(seed: int, question_id: str, sample: int) -> int:
 
 
 @dataclass(frozen=True)
-class Completion:
-    """One generated answer: its new token ids up to and including the first stop token, and whether a stop
-    token ended it (False: ``max_new_tokens`` did). The shape of ``job.inference.batching.Completion``."""
-
-    ids: list[int]
-    stopped: bool
-
-
-@dataclass(frozen=True)
 class BenchmarkRun:
     """One benchmark as run: its score, every item in the questions' order, and the generation time."""
 
@@ -103,74 +96,6 @@ class BenchmarkRun:
     items: tuple[ItemResult, ...]
     seconds: float
     generated_tokens: int
-
-
-def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-def _left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
-    """(input_ids, attention_mask) with every prompt right-aligned; the padding is masked out."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _generate(loaded: Loaded, prompts: list[list[int]], config: Any, pad_id: int) -> list[list[int]]:
-    """The new token ids of each prompt (padding after a row stopped included; cut by the caller)."""
-    import torch
-
-    input_ids, mask = _left_padded(prompts, pad_id, loaded.model.device)
-    with torch.inference_mode():
-        out = loaded.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-    return [[int(t) for t in row] for row in out[:, input_ids.shape[1]:].tolist()]
-
-
-def _until_stop(new: list[int], stops: set[int]) -> Completion:
-    """The completion up to and including its first stop token, and whether there was one."""
-    for n, token in enumerate(new):
-        if token in stops:
-            return Completion(new[:n + 1], True)
-    return Completion(new, False)
-
-
-def _generate_all(loaded: Loaded, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None,
-                  batch_size: int, progress: Progress | None) -> list[Completion]:
-    """Every prompt's completion, in order: the one call into the generation engine.
-
-    Today's static engine: greedy prompts sorted by length (longest first: similar lengths share a batch, so
-    little padding is computed, and the largest batch runs first, so running out of memory shows at once) and
-    generated ``batch_size`` at a time, LEFT-padded (every row's last prompt token at the same position) with
-    the KV cache; sampled prompts one at a time, each after ``set_seed(seeds[i])``, so every answer keeps its
-    own seed. ``job.inference.batching.generate_many(loaded, prompts, sampling, seeds=seeds,
-    max_in_flight=batch_size, progress=progress)`` replaces this whole function.
-    """
-    stops = stop_ids(loaded)
-    config = generation_config(loaded, sampling, stops)
-    pad_id = int(config.pad_token_id)
-    stop_set = set(stops)
-    out: dict[int, Completion] = {}
-    if seeds is None:
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        batches = _batches(order, batch_size)
-    else:
-        batches = [[i] for i in range(len(prompts))]
-    for batch in batches:
-        if seeds is not None:
-            from transformers import set_seed
-
-            set_seed(seeds[batch[0]])
-        for i, new in zip(batch, _generate(loaded, [prompts[i] for i in batch], config, pad_id)):
-            out[i] = _until_stop(new, stop_set)
-        if progress is not None:
-            progress(len(out), len(prompts))
-    return [out[i] for i in range(len(prompts))]
 
 
 def reasoning_tokens(ids: list[int], decode: Callable[[list[int]], str]) -> int:
@@ -218,8 +143,8 @@ def run_benchmark(loaded: Loaded, benchmark: str, questions: Sequence[Question],
     base_seed = settings.sampling.seed or 0
     seeds = [answer_seed(base_seed, questions[q].id, k) for q, k in asked] if settings.sampled else None
     started = time.perf_counter()
-    completions = _generate_all(loaded, [prompts[q] for q, _ in asked], settings.sampling, seeds, settings.batch_size,
-                                progress)
+    completions = generate_many(loaded, [prompts[q] for q, _ in asked], settings.sampling, seeds=seeds,
+                                max_in_flight=settings.batch_size, progress=progress)
     seconds = time.perf_counter() - started
     items = tuple(_item(questions[q], prompts[q], generated, decode, k, seeds[n] if seeds is not None else None)
                   for n, ((q, k), generated) in enumerate(zip(asked, completions, strict=True)))
