@@ -45,8 +45,7 @@ def _crd() -> dict:
 
 def _closed(schema):
     """A copy of a CRD schema in which every object declares all the fields it accepts: where the API server
-    would prune an unknown field (no x-kubernetes-preserve-unknown-fields), this schema rejects it instead.
-    The root's `metadata` (ObjectMeta, which the API server validates itself) is left open here."""
+    would prune an unknown field (no x-kubernetes-preserve-unknown-fields), this schema rejects it instead."""
     if isinstance(schema, list):
         return [_closed(s) for s in schema]
     if not isinstance(schema, dict):
@@ -63,8 +62,10 @@ def _validator() -> jsonschema.Draft4Validator:
     [version] = [v for v in _crd()["spec"]["versions"] if v["name"] == "v1alpha1"]
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
     closed = _closed(schema)
-    closed["properties"]["metadata"] = schema["properties"]["metadata"]  # checked by _validate_metadata
-    # OpenAPI 3.0's schema object is JSON Schema draft 4 with extensions (the x-kubernetes-* keys, ignored).
+    # The CRD declares the root's metadata as a bare object: the API server checks it as ObjectMeta, and so
+    # does _validate_metadata.
+    closed["properties"]["metadata"] = schema["properties"]["metadata"]
+    # OpenAPI 3.0's schema object is based on JSON Schema draft 4 (the x-kubernetes-* keys are ignored here).
     jsonschema.Draft4Validator.check_schema(closed)
     return jsonschema.Draft4Validator(closed)
 
@@ -103,7 +104,8 @@ def _validate_metadata(obj: dict) -> None:
 
 
 def _schema_errors(obj: dict) -> list[str]:
-    """Everything the API server would refuse in `obj` (a TrainJob) on create, as one line each."""
+    """What the CRD's schema, its CEL rules and ObjectMeta's schema refuse in `obj` (a TrainJob) on create, one
+    line each. The trainer's admission webhook checks more (a runtime that exists, reserved env names)."""
     errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in _validator().iter_errors(obj)]
     if errors:
         return errors
@@ -236,7 +238,6 @@ def test_nodes_and_gpus_per_node_are_set_once_and_are_one_until_medft_trains_acr
     # numProcPerNode unset: the runtime starts one process per GPU of resourcesPerNode, so the GPU count is the
     # only per-node number to edit.
     assert "numProcPerNode" not in trainer
-    assert "resources" not in str(_pod_patch(tj))
     # medft trains on one rank today (docs/kubernetes.md): more nodes or GPUs would only repeat the same run.
     assert trainer["numNodes"] == 1
     assert str(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == "1"
@@ -244,7 +245,7 @@ def test_nodes_and_gpus_per_node_are_set_once_and_are_one_until_medft_trains_acr
 
 def test_same_image_resources_command_and_deadline_as_the_job():
     tj, [job] = _trainjob(), _jobs("base")
-    container, trainer = _container(job), _trainjob()["spec"]["trainer"]
+    container, trainer = _container(job), tj["spec"]["trainer"]
     assert trainer["image"] == container["image"]
     assert trainer["resourcesPerNode"] == container["resources"]
     assert "command" not in trainer and trainer["args"] == container["args"]  # the image's ENTRYPOINT: medft
@@ -343,7 +344,7 @@ def test_the_cli_accepts_the_trainjob_arguments():
 def test_kueue_component_queues_a_suspended_trainjob_that_stays_valid(tmp_path):
     kustomization = K8S / TRAINJOB / "kustomization.yaml"
     assert re.search(r"^\s*# - kueue$", kustomization.read_text(), re.M), "the Kueue option is shown, off"
-    # The TrainJob with the component switched on, as a user would (kustomize refuses absolute paths).
+    # An overlay that switches the component on (relative paths: kustomize refuses absolute ones).
     rel = Path(os.path.relpath(K8S / TRAINJOB, tmp_path))
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
