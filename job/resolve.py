@@ -68,7 +68,8 @@ def check_local_inputs(cfg: JobConfig) -> None:
             raise NotFoundError(f"{key}: {uri}: no such file or directory{_relative_note(uri)}")
     for name in cfg.eval.benchmarks or ():
         source = cfg.eval.benchmark_sources.get(name)
-        if source is not None and source.file and not Path(source.file).expanduser().is_file():
+        # exists(), not is_file(): a folder given there is bad data (exit 3), which the reader says.
+        if source is not None and source.file and not resolve_local(source.file).expanduser().exists():
             raise NotFoundError(f"eval.benchmark_sources.{name}.file: {source.file}: no such file"
                                 f"{_relative_note(source.file)}")
 

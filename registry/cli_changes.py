@@ -186,7 +186,7 @@ def webhooks_add(url: str, store_uri: str, registry_uri: str | None) -> None:
 
     _, reg = _open(store_uri, registry_uri)
     webhooks.change_urls(reg.store, add=url, by=current_user())
-    click.echo(f"webhook added: {webhooks.redact(url)}")
+    click.echo(f"webhook added: {webhooks.label(url)}")
 
 
 @webhooks_group.command("remove")
@@ -198,7 +198,7 @@ def webhooks_remove(url: str, store_uri: str, registry_uri: str | None) -> None:
 
     _, reg = _open(store_uri, registry_uri)
     webhooks.change_urls(reg.store, remove=url)
-    click.echo(f"webhook removed: {webhooks.redact(url)}")
+    click.echo(f"webhook removed: {webhooks.label(url)}")
 
 
 @webhooks_group.command("list")
@@ -211,8 +211,8 @@ def webhooks_list(store_uri: str, registry_uri: str | None, as_json: bool) -> No
     from registry import webhooks
 
     _, reg = _open(store_uri, registry_uri)
-    rows = [(webhooks.redact(u), "config.json") for u in webhooks.stored_urls(reg.store)]
-    rows += [(webhooks.redact(u), webhooks.ENV_URLS) for u in webhooks.env_urls()]
+    rows = [(webhooks.label(u), "config.json") for u in webhooks.stored_urls(reg.store)]
+    rows += [(webhooks.label(u), webhooks.ENV_URLS) for u in webhooks.env_urls()]
     signed = bool(os.environ.get(webhooks.ENV_SECRET))
     if as_json:
         _echo_json({"webhooks": [{"url": u, "from": f} for u, f in rows], "signed": signed})

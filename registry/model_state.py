@@ -93,8 +93,15 @@ class HistoryEntry:
         for name in ("by", "alias", "reason", "via"):
             if d.get(name) is not None and not isinstance(d[name], str):
                 raise bad(f"'{name}' must be a string")
-        if d.get("gate") is not None and not isinstance(d["gate"], dict):
+        gate = d.get("gate")
+        if gate is not None and not isinstance(gate, dict):
             raise bad("'gate' must be an object")
+        require = (gate or {}).get("require")
+        if require is not None and (not isinstance(require, list) or not all(isinstance(x, str) for x in require)):
+            raise bad("'gate.require' must be a list of benchmark names")
+        for name in ("verdict", "refusal"):
+            if (gate or {}).get(name) is not None and not isinstance(gate[name], str):
+                raise bad(f"'gate.{name}' must be a string")
         deliveries = d.get("deliveries")
         if deliveries is not None and (not isinstance(deliveries, list) or not all(isinstance(x, dict) for x in deliveries)):
             raise bad("'deliveries' must be a list of objects")

@@ -11,7 +11,7 @@ A delivery runs after the change is written and never undoes or blocks it: each 
 :data:`ATTEMPTS` tries, ``$MEDFT_WEBHOOK_TIMEOUT`` seconds each (default 2), with 0.5 s then 1 s between
 them, all URLs at once, the whole within :data:`DEADLINE_S` seconds. 2xx is delivered; 5xx, 408, 429, a
 timeout or a refused connection is tried again; any other answer (4xx, a redirect) is not. The outcome of each
-URL (redacted, see :func:`redact`) is returned for the registry to record in the history entry.
+URL (as :func:`label` shows it) is returned for the registry to record in the history entry.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from registry.errors import ConfigError, DataError, NotFoundError
 from registry.logs import get_logger
+from registry.redact import redact_url, url_origin
 from registry.store import BucketNotFound, PreconditionFailed, Store
 
 log = get_logger(__name__)
@@ -46,14 +47,11 @@ DEADLINE_S = 9.0
 _RETRIED = {408, 429}
 
 
-def redact(url: str) -> str:
-    """``url`` safe to log or record: no user or password, every query value replaced by ``***``."""
-    # A minimal stand-in until the project's shared URL redaction exists (the lead unifies them).
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+def label(url: str) -> str:
+    """How a webhook URL is shown, logged and recorded: its origin and a short hash of the whole URL, never
+    its path, query or userinfo (a Slack or Discord webhook's path is its secret); ``webhooks remove`` takes
+    this form too."""
+    return f"{url_origin(url)}/...#{hashlib.sha256(url.strip().encode()).hexdigest()[:8]}"
 
 
 def check_url(url: str, what: str) -> str:
@@ -65,7 +63,7 @@ def check_url(url: str, what: str) -> str:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what}: {redact(url)!r} is not an http:// or https:// URL with a host")
+        raise ConfigError(f"{what}: {redact_url(url)!r} is not an http:// or https:// URL with a host")
     return url
 
 
@@ -138,9 +136,9 @@ def change_urls(store: Store, add: str | None = None, remove: str | None = None,
                 return [h["url"] for h in hooks]
             hooks.append({"url": url, "added_at": now_iso(), "by": by})
         if remove is not None:
-            kept = [h for h in hooks if h["url"] != remove.strip() and redact(h["url"]) != remove.strip()]
+            kept = [h for h in hooks if h["url"] != remove.strip() and label(h["url"]) != remove.strip()]
             if len(kept) == len(hooks):
-                raise NotFoundError(f"no webhook {redact(remove)!r} in {store.url(CONFIG)} (see `medft registry "
+                raise NotFoundError(f"no webhook {label(remove)!r} in {store.url(CONFIG)} (see `medft registry "
                                     "webhooks list`)")
             hooks = kept
         data = (json.dumps({**doc, "format": 1, "webhooks": hooks}, indent=2) + "\n").encode()
@@ -207,7 +205,7 @@ def deliver_one(url: str, body: bytes, headers: dict[str, str], *, timeout: floa
         if attempt < ATTEMPTS - 1:
             time.sleep(min(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)], max(0.0, deadline - time.monotonic())))
     ok = status is not None and 200 <= status < 300
-    return {"url": redact(url), "ok": ok, "status": status, "attempts": attempts,
+    return {"url": label(url), "ok": ok, "status": status, "attempts": attempts,
             **({} if ok else {"error": error or f"HTTP {status}"})}
 
 

@@ -32,6 +32,8 @@ from registry.compare import format_score, text_table
 from registry.errors import ConfigError
 from registry.logs import get_logger
 from registry.records import BaseModelLineage, BenchmarkScore, EvaluationRecord, dump
+from registry.store import check_writable_file
+from registry.store.transfer import os_errors
 
 log = get_logger(__name__)
 
@@ -89,12 +91,14 @@ def _check_model_args(ref: str | None, base: str | None, template: str | None, b
 
 def check_samples_out(path: str) -> Path:
     """The ``--samples-out`` destination, checked before any question is read: ConfigError (exit 2) when it is
-    a folder or its folder does not exist."""
+    a folder, its folder does not exist or no file can be made there (``/proc``), AccessDeniedError (exit 5)
+    when this process may not write there."""
     dest = Path(path)
     if dest.is_dir():
         raise ConfigError(f"--samples-out {path}: is a folder; give a file name, e.g. {dest / 'answers.jsonl'}")
     if not dest.parent.is_dir():
         raise ConfigError(f"--samples-out {path}: folder {dest.parent} does not exist; create it or pick another path")
+    check_writable_file(dest, "--samples-out")
     return dest
 
 
@@ -204,7 +208,8 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
         out.flush()
     try:
         if dest is not None:
-            write_whole(dest, b"".join(s.answers for s in scored.values()))
+            with os_errors(dest, "writing"):  # a disk that fills while the answers are written: one line
+                write_whole(dest, b"".join(s.answers for s in scored.values()))
             payload["samples_out"] = str(dest)
             if not as_json:
                 out.write(f"every answer written to {dest}\n")

@@ -32,6 +32,7 @@ from typing import Any
 from job.data.readers import file_records, open_parquet, parquet_records
 from job.hub import HubKeys, hf_revision, load_hub_dataset
 from job.medical_benchmarks import BenchmarkSpec, Question, to_question
+from job.paths import resolve_local
 from registry.errors import ConfigError, DataError, NotFoundError
 from registry.logs import get_logger
 
@@ -150,7 +151,7 @@ def load_questions(spec: BenchmarkSpec, *, path: str | Path | None = None, limit
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     if path is not None:
-        file = Path(str(path).removeprefix("file://")).expanduser()
+        file = resolve_local(str(path)).expanduser()  # file:// and plain paths, as every local source
         display = f"{spec.name}: {path}"
         records, source, revision = _file_records(file, display, spec), str(path), None
     else:

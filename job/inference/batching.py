@@ -45,6 +45,8 @@ log = get_logger(__name__)
 #: ``progress(done, total)``: called as answers finish.
 Progress = Callable[[int, int], None]
 DEFAULT_MAX_IN_FLIGHT = 256
+#: Static batches are not sized from memory: a fallback architecture runs at most this many rows at once.
+STATIC_BATCH = 16
 #: Share of the free GPU memory the slot cache may take; the rest is for logits, sampling and activations.
 CACHE_SHARE = 0.85
 #: Memory kept free for activations, beyond the logits of every slot (bytes).
@@ -109,7 +111,8 @@ def plan_engine(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, m
     if why_not is not None:
         if engine == "continuous":
             raise ConfigError(f"the continuous engine cannot run this model: {why_not}")
-        return EnginePlan("static", min(upper, len(prompts)), 0, f"static batches: {why_not}")
+        rows = min(upper, STATIC_BATCH, len(prompts))
+        return EnginePlan("static", rows, 0, f"static batches of {rows} (not sized from memory): {why_not}")
     import torch
 
     inner = _decoder(model)
@@ -402,7 +405,7 @@ def _static(loaded: Loaded, prompts: list[list[int]], sampling: Sampling, seeds:
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     stop_set = set(stops)
     done: dict[int, Completion] = {}
-    device = _device(loaded.model)
+    device = getattr(loaded.model, "device", None) or _device(loaded.model)
     for start in range(0, len(order), plan.slots):
         batch = order[start:start + plan.slots]
         width = max(len(prompts[i]) for i in batch)

@@ -154,3 +154,17 @@ def test_dry_run_checks_local_paths_as_the_real_run_does(override: str, tiny_mod
     assert lines[0] == lines[1] and _files(store) == []
     if " no/such" in needle:  # a relative path: the line says where it was looked up from
         assert lines[0].endswith(f"; check the path (relative paths are from {Path.cwd()})")
+
+
+def test_dry_run_takes_a_benchmark_file_as_a_file_uri_as_eval_does(tiny_model_dir: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.eval_factory import write_benchmark
+
+    monkeypatch.setenv("MEDFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    medqa = write_benchmark(tmp_path, "medqa")
+    argv = job_args(tiny_model_dir, str(tmp_path / "store"), "run-uri", "--set", "eval.benchmarks=[medqa]",
+                    "--set", f"eval.benchmark_sources={{medqa: {{file: 'file://{medqa}'}}}}", "--dry-run")
+    code, _, err = run_main(argv, capsys)
+    assert code == 0 and not error_lines(err), err[-2000:]

@@ -89,6 +89,7 @@ def test_eval_samples_each_question_k_times_and_keeps_every_answer(tiny_model_di
     (["--samples", "3", "--temperature", "0"], "--samples 3 with --temperature 0: greedy decoding gives the same"),
     (["--samples-out", "/"], "--samples-out /: is a folder"),
     (["--samples-out", "/nonexistent/a.jsonl"], "folder /nonexistent does not exist"),
+    (["--samples-out", "/proc/answers.jsonl"], "no folder can be made in /proc"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
 ])
 def test_eval_protocol_usage_errors_exit_2_before_loading(tiny_model_dir: Path, eval_env: None, args: list[str],

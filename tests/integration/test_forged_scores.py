@@ -80,14 +80,14 @@ def _refused(store_uri: str, capsys: pytest.CaptureFixture[str], reg: Registry, 
     if store_uri.startswith("s3://"):
         for force in (False, True):
             with pytest.raises(DataError) as refused:
-                reg.set_alias("m", 2, "production", require=["medqa"], force=force)
+                reg.set_alias("m", 2, "production", require=["medqa"], force=force, reason="forged" if force else None)
             assert all(n in refused.value.message for n in needles), refused.value.message
         with pytest.raises(DataError) as refused:
             verify_scores([reg.get("m:1"), reg.get("m:2")], reg.store)
         assert all(n in refused.value.message for n in needles), refused.value.message
         assert _aliases_doc(reg) == before
         return
-    for force in ([], ["--force"]):
+    for force in ([], ["--force", "--reason", "a forged score must be refused even when forced"]):
         code, out, err = run_main(["registry", "alias", "m", "production", "2", "--require", "medqa", *force,
                                    "--store", store_uri], capsys)
         [line] = error_lines(err)

@@ -13,7 +13,7 @@ from registry.records import EvaluationRecord
 from registry.registry import Registry
 from tests.cli import error_lines, run_main
 from tests.eval_factory import write_benchmark
-from tests.integration.test_registry_gate import _record
+from tests.integration.test_registry_gate import scored_run
 
 
 def test_base_scores_are_recorded_under_a_name_and_compared_with_its_versions(
@@ -23,7 +23,7 @@ def test_base_scores_are_recorded_under_a_name_and_compared_with_its_versions(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     store = str(tmp_path / "store")
     reg = Registry.open(store + "/registry")
-    reg.register("m", publish_sample_run(store, record=_record(0.6)))
+    reg.register("m", publish_sample_run(store, **scored_run(0.6)))
     args = ["--store", store]
     base = ["eval", "--base", str(tiny_model_dir), "--benchmarks", "medqa", "--limit", "3", "--max-new-tokens", "4",
             "--batch-size", "3", "--data", f"medqa={write_benchmark(tmp_path, 'medqa')}"]

@@ -51,6 +51,13 @@ def _record(medqa: float | None, lr: float = 2e-4, loss: float = 1.2, **change: 
     return record, files
 
 
+def scored_run(medqa: float | None, **kwargs: Any) -> dict[str, Any]:
+    """``publish_sample_run`` keywords for a run scored ``medqa`` (:func:`_record`): the record and its answers
+    files."""
+    record, files = _record(medqa, **kwargs)
+    return {"record": record, "files": files}
+
+
 def _versions(store_uri: str, publish: Callable[..., str], scores: list[float | None]) -> Registry:
     """Model ``m`` with one version per score (v1 first); v1 is @production."""
     reg = Registry.open(store_uri + "/registry")

@@ -17,7 +17,7 @@ from registry import model_state
 from registry.errors import ConfigError, DataError, NotFoundError
 from registry.registry import Registry
 from tests.cli import error_lines, run_main
-from tests.integration.test_registry_gate import _record
+from tests.integration.test_registry_gate import scored_run
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def _model(store_uri: str, publish: Callable[..., str], scores: list[float | Non
     reg = Registry.open(store_uri + "/registry")
     runs = []
     for n, medqa in enumerate(scores, start=1):
-        runs.append(publish(store_uri, run_id=f"run-{n}", record=_record(medqa, lr=n * 1e-4)))
+        runs.append(publish(store_uri, run_id=f"run-{n}", **scored_run(medqa, lr=n * 1e-4)))
         reg.register("m", runs[-1])
     return reg, runs
 
@@ -91,7 +91,7 @@ def test_a_protected_alias_is_gated_whoever_moves_it(
     assert _doc(reg) == before
 
     # A training job (output.aliases) registers and publishes, but the alias stays, with the reason recorded.
-    third = publish_sample_run(store_uri, run_id="run-3", record=_record(0.45, lr=3e-4))
+    third = publish_sample_run(store_uri, run_id="run-3", **scored_run(0.45, lr=3e-4))
     mv = reg.register("m", third, aliases=["production", "candidate"], via="job run-3",
                       reason="output.aliases of run run-3")
     assert mv.version == 3 and mv.aliases == ("candidate",)
@@ -188,6 +188,12 @@ def test_history_is_paged_bounded_and_a_corrupt_entry_is_named(
     reg.set_alias("m", 1, "production")  # a move appends after it, untouched
     with pytest.raises(DataError, match="history entry 10"):
         reg.history("m")
+    # A gate whose benchmarks are not a list of names is named too, not a traceback in the history's text.
+    doc["history"][1]["after"] = 2
+    doc["history"][1]["gate"] = {"require": 7, "verdict": "passed"}
+    aliases_file.write_text(json.dumps(doc))
+    code, _, err = run_main(["registry", "history", "m", "--store", store_uri], capsys)
+    assert code == 3 and "'gate.require' must be a list of benchmark names" in error_lines(err)[0], err
 
 
 def test_history_protection_and_delete_on_s3(s3_bucket: str, publish_sample_run: Callable[..., str],
@@ -227,7 +233,7 @@ def test_the_jobs_registration_keeps_a_protected_alias_and_carries_tags_and_desc
     reg, _ = _model(store_uri, publish_sample_run, [0.60])
     reg.set_alias("m", 1, "demo")
     reg.protect("m", "demo", ["medqa"])
-    publish_sample_run(store_uri, run_id="run-2", record=_record(0.40, lr=2e-4))
+    publish_sample_run(store_uri, run_id="run-2", **scored_run(0.40, lr=2e-4))
     config = tmp_path / "job.yaml"
     config.write_text(f"output:\n  store: {store_uri}\n  model_name: m\n  aliases: [demo, nightly]\n"
                       "  tags: {team: cardio}\n  description: second demo run\n")

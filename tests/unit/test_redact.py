@@ -75,6 +75,27 @@ def test_webhook_urls_are_named_by_their_origin():
     hook = f"https://u:{SECRET}@hooks.example.com:8443/services/T0/B0/{SECRET}?token={SECRET}"
     assert url_origin(hook) == "https://hooks.example.com:8443"
     assert SECRET not in redact_url(hook.split("/services")[0] + f"/x?token={SECRET}")
+    from registry import webhooks
+
+    shown = webhooks.label(hook)
+    assert shown.startswith("https://hooks.example.com:8443/...#") and SECRET not in shown and "services" not in shown
+    assert webhooks.label(hook) != webhooks.label(hook.replace("B0", "B1"))  # two hooks on one host stay apart
+
+
+def test_a_library_traceback_loses_url_credentials(monkeypatch, capsys):
+    """A library logging an exception (``exc_info``) whose text quotes a URL with credentials: the traceback is
+    rendered before redaction, so neither the message nor the traceback keeps them."""
+    import logging
+
+    monkeypatch.setenv("MEDFT_LOG_FORMAT", "json")
+    logs.configure()
+    try:
+        raise ConnectionError(f"cannot reach https://user:{SECRET}@s3.example.com/b?token={SECRET}")
+    except ConnectionError:
+        logging.getLogger("botocore.endpoint").error("request to %s failed", f"https://h/x?sig={SECRET}", exc_info=True)
+    err = capsys.readouterr().err
+    assert "ConnectionError" in err and "Traceback" in err
+    assert SECRET not in err
 
 
 def test_store_errors_quote_the_endpoint_without_its_credentials(monkeypatch, capsys, tmp_path):
