@@ -56,11 +56,27 @@ def base_version(store: Store, name: str) -> ModelVersion:
                         artifacts={}, base_model=dict(doc["base_model"]), evaluations=evaluations)
 
 
+def check_same_base(store: Store, name: str, uri: str, revision: str | None) -> None:
+    """ConfigError (exit 2) when ``NAME@base`` already holds another base model, or the same at another revision:
+    a name compares a model with one base. Called before any scoring, and again inside the write."""
+    doc, _ = _read(store, check_name(name))
+    if doc is not None:
+        _same_base(doc, name, uri, revision)
+
+
+def _same_base(doc: dict[str, Any], name: str, uri: str, revision: str | None) -> None:
+    held = doc["base_model"]
+    if held.get("uri") != uri or held.get("revision") != revision:
+        at = f" at {held.get('revision')}" if held.get("revision") else ""
+        raise ConfigError(f"{name}@base holds the scores of {held.get('uri')}{at}, not {uri}"
+                          f"{f' at {revision}' if revision else ''}; record these under another name (--record-as)")
+
+
 def record_base_evaluation(store: Store, name: str, uri: str, revision: str | None,
                            evaluation: EvaluationRecord) -> ModelVersion:
     """Append ``evaluation`` of the base model ``uri`` (at ``revision``) to ``NAME@base`` (compare-and-swap).
 
-    ConfigError (exit 2) when ``NAME@base`` holds another base model: a name compares a model with one base.
+    ConfigError (exit 2) when ``NAME@base`` holds another base model (:func:`check_same_base`).
     """
     from registry.runs import now_iso
 
@@ -70,9 +86,8 @@ def record_base_evaluation(store: Store, name: str, uri: str, revision: str | No
         if doc is None:
             doc = {"format": 1, "name": name, "created_at": now_iso(), "base_model": {"uri": uri, "revision": revision},
                    "evaluations": []}
-        elif doc["base_model"].get("uri") != uri:
-            raise ConfigError(f"{name}@base holds the scores of {doc['base_model']['uri']}, not {uri}; record these "
-                              "under another name (--record-as)")
+        else:
+            _same_base(doc, name, uri, revision)
         doc["evaluations"] = [*doc["evaluations"], dump(evaluation)]
         data = (json.dumps(doc, indent=2) + "\n").encode()
         try:

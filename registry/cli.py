@@ -37,6 +37,19 @@ def _open(store_uri: str, registry_uri: str | None) -> tuple[Store, Registry]:
     return store, Registry.at(store, registry_uri)
 
 
+def _open_existing(store_uri: str, registry_uri: str | None) -> tuple[Store, Registry]:
+    """:func:`_open` for commands that only read: a local store (or ``--registry``) that does not exist is
+    NotFoundError (exit 4), so a typo in ``--store`` never reads as an empty registry or a clean verify."""
+    from registry.errors import NotFoundError
+    from registry.views import missing_store
+
+    store, reg = _open(store_uri, registry_uri)
+    missing = missing_store(store, reg, registry_given=bool(registry_uri))
+    if missing:
+        raise NotFoundError(missing)
+    return store, reg
+
+
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -61,13 +74,10 @@ def list_cmd(store_uri: str, registry_uri: str | None, name: str | None, show_al
     known models; an existing registry with no versions lists nothing (exit 0). A corrupt record does not hide
     the others: they are listed, then the first corrupt one is named (exit 3).
     """
-    from registry.errors import DataError, NotFoundError
-    from registry.views import missing_store, unknown_name, version_table
+    from registry.errors import DataError
+    from registry.views import unknown_name, version_table
 
-    store, reg = _open(store_uri, registry_uri)
-    missing = missing_store(store, reg, registry_given=bool(registry_uri))
-    if missing:
-        raise NotFoundError(missing)
+    _, reg = _open_existing(store_uri, registry_uri)
     versions, corrupt = reg.scan(name)
     if name is not None and not versions and not corrupt:
         raise unknown_name(reg, name)
@@ -302,7 +312,7 @@ def verify_cmd(ref: str | None, check_all: bool, store_uri: str, registry_uri: s
 
     if (ref is None) == (not check_all):
         raise ConfigError("registry verify takes a REF or --all, e.g. medft registry verify med@production")
-    _, reg = _open(store_uri, registry_uri)
+    _, reg = _open_existing(store_uri, registry_uri)
     checks, unreadable = verify_versions(reg, ref)
     problems = [p for c in checks for p in c.problems] + unreadable
     if as_json:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from registry.cli import _echo_json, _open, registry_group, store_options
+from registry.cli import _echo_json, _open, _open_existing, registry_group, store_options
 from registry.compare import text_table
 from registry.model_state import HistoryEntry
 
@@ -45,7 +45,7 @@ def history_cmd(ref: str, store_uri: str, registry_uri: str | None, as_json: boo
     name, version, alias = parse_ref(ref)
     if version is not None:
         raise ConfigError(f"history takes NAME or NAME@ALIAS, got {ref!r}")
-    _, reg = _open(store_uri, registry_uri)
+    _, reg = _open_existing(store_uri, registry_uri)
     entries = reg.history(name, alias)
     if as_json:
         _echo_json([e.to_dict() for e in entries])
@@ -210,7 +210,7 @@ def webhooks_list(store_uri: str, registry_uri: str | None, as_json: bool) -> No
 
     from registry import webhooks
 
-    _, reg = _open(store_uri, registry_uri)
+    _, reg = _open_existing(store_uri, registry_uri)
     rows = [(webhooks.label(u), "config.json") for u in webhooks.stored_urls(reg.store)]
     rows += [(webhooks.label(u), webhooks.ENV_URLS) for u in webhooks.env_urls()]
     signed = bool(os.environ.get(webhooks.ENV_SECRET))
@@ -230,7 +230,7 @@ def runs_cmd(store_uri: str, registry_uri: str | None, as_json: bool) -> None:
     step and where it stopped."""
     from registry.run_list import list_runs
 
-    store, reg = _open(store_uri, registry_uri)
+    store, reg = _open_existing(store_uri, registry_uri)
     runs = list_runs(store, reg)
     if as_json:
         _echo_json([asdict(r) for r in runs])

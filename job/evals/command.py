@@ -166,6 +166,10 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
             raise ConfigError("--record-as NAME records a base model's scores (with --base URI); a REF is recorded "
                               "with --record")
         check_name(record_as, "--record-as model name")
+        from registry.base_scores import check_same_base
+        from registry.registry import Registry
+
+        check_same_base(Registry.at(store, registry).store, record_as, base, base_revision)  # before any scoring
     names = parse_benchmarks(benchmarks)
     choices = parse_data_files(data_files)
     unused = sorted(set(choices) - set(names))

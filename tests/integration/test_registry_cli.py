@@ -277,6 +277,9 @@ def test_a_store_or_model_that_does_not_exist_exits_4_an_empty_registry_lists_no
     assert code == 4 and f"registry {missing} does not exist" in err
     code, _, err = run_main(["registry", "show", "med:1", "--store", missing], capsys)
     assert code == 4 and err.startswith("medft: error: model ref 'med:1' not found") and f"store {missing} does" in err
+    for command in (["runs"], ["verify", "--all"], ["history", "med"], ["webhooks", "list"]):  # every read
+        code, out, err = run_main(["registry", *command, "--store", missing], capsys)
+        assert (code, out) == (4, "") and f"store {missing} does not exist" in err, command
 
     Path(local_store).mkdir()
     code, out, err = run_main(["registry", "list"], capsys)  # exists, nothing registered yet: empty, not missing
