@@ -39,8 +39,8 @@ log = get_logger(__name__)
 QUANTIZE_ENV = "MEDFT_LLAMA_QUANTIZE"
 QUANTIZE_HOWTO = ("build it from llama.cpp (cmake -B build && cmake --build build --target llama-quantize) or use "
                   "the medft image, then put it on PATH or set MEDFT_LLAMA_QUANTIZE to its path")
-#: transformers architecture -> (GGUF architecture, whether q/k are permuted to llama.cpp's rope order).
-ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "Qwen2ForCausalLM": ("qwen2", False)}
+#: config.json ``model_type`` -> (GGUF architecture, whether q/k are permuted to llama.cpp's rope order).
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
 # tokenizer.json pre-tokenizer split patterns llama.cpp implements, by its ``tokenizer.ggml.pre`` name.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -108,13 +108,14 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any], where: str) -> str:
 def check_model(model_dir: Path) -> None:
     """Before training: the base's architecture and tokenizer can be written as GGUF (ConfigError otherwise)."""
     config = json.loads((model_dir / "config.json").read_text())
-    arch = (config.get("architectures") or ["?"])[0]
+    arch = config.get("model_type")
     if arch not in ARCHITECTURES:
-        raise ConfigError(f"{model_dir / 'config.json'}: export.gguf: architecture {arch} is not one medft writes "
+        raise ConfigError(f"{model_dir / 'config.json'}: export.gguf: model_type {arch} is not one medft writes "
                           f"as GGUF ({', '.join(ARCHITECTURES)}); set export.gguf=[]")
     _rope_scaling(config, model_dir / "config.json")
-    pre_tokenizer_name(json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")),
-                       str(model_dir / "tokenizer.json"))
+    if (model_dir / "tokenizer.json").exists():  # else checked at export, on the tokenizer training saved
+        pre_tokenizer_name(json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")),
+                           str(model_dir / "tokenizer.json"))
 
 
 def _rope_scaling(config: dict[str, Any], where: Path) -> dict[str, Any] | None:
@@ -299,7 +300,7 @@ def write_gguf(merged_dir: Path, dest: Path, stem: str, qtype_name: str, *, add_
     import gguf
 
     config = json.loads((merged_dir / "config.json").read_text())
-    arch_name, permute = ARCHITECTURES.get((config.get("architectures") or ["?"])[0], (None, False))
+    arch_name, permute = ARCHITECTURES.get(config.get("model_type"), (None, False))
     if arch_name is None:
         check_model(merged_dir)  # raises, naming the architecture
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)

@@ -82,10 +82,11 @@ def chat_template(template: Template, tokenizer: Any, parts: PromptParts) -> str
     if template.name == "chat":
         return str(tokenizer.chat_template)
     where, markup = "GGUF chat template", ("{{", "{%", "{#", "%}", "}}", "#}")
-    return ("{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+    # No whitespace control ('{%-'): the prompt's own newlines are part of it.
+    return ("{% for message in messages %}{% if message['role'] == 'user' %}"
             + _literal(parts.head, where, markup) + "{{ message['content'] }}" + _literal(parts.tail, where, markup)
-            + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}" + _literal(parts.eos, where, markup)
-            + "{%- endif -%}{%- endfor -%}")
+            + "{% elif message['role'] == 'assistant' %}{{ message['content'] }}" + _literal(parts.eos, where, markup)
+            + "{% endif %}{% endfor %}")
 
 
 def modelfile(gguf_name: str, parts: PromptParts, *, model_name: str, template_name: str) -> str:
