@@ -5,7 +5,9 @@ The file is written with the ``gguf`` library of the llama.cpp project, streamed
 from the safetensors headers first, then every tensor is read, converted (and quantized) and written one at
 a time, so host memory holds one tensor, never the model. The ``gguf`` library quantizes f16, bf16, q8_0,
 q4_0, q4_1, q5_0 and q5_1 itself; a k-quant (q4_k_m, ...) is made from the f16 file by llama.cpp's own
-``llama-quantize`` (``MEDFT_LLAMA_QUANTIZE`` or ``PATH``), which :func:`check_plan` requires before training.
+quantizer: the ``llama-quantize`` binary (``MEDFT_LLAMA_QUANTIZE``, else on ``PATH``; the image has it), else
+the same library function through ``llama-cpp-python`` when that is installed (the dev extra).
+:func:`check_plan` requires one of them before training.
 
 Inside each file: the architecture's hyperparameters, the tokenizer (``tokenizer.json``'s byte-level BPE
 vocabulary and merges, its special tokens, whether a BOS goes first, and ``tokenizer.ggml.pre``: llama.cpp's
@@ -63,10 +65,21 @@ def quantize_binary() -> str | None:
     return shutil.which("llama-quantize")
 
 
+def _llama_cpp_binding() -> Any | None:
+    """llama-cpp-python's ``llama_cpp`` module (llama.cpp's library), or None when not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+
+    return llama_cpp
+
+
 def check_plan(cfg: JobConfig) -> None:
-    """Before training: a k-quant in ``export.gguf`` needs ``llama-quantize`` (ConfigError, exit 2, otherwise)."""
+    """Before training: a k-quant in ``export.gguf`` needs llama.cpp's quantizer (ConfigError, exit 2, otherwise)."""
     wanted = [t for t in cfg.export.gguf if t in GGUF_K_QUANTS]
-    if wanted and quantize_binary() is None:
+    if wanted and quantize_binary() is None and _llama_cpp_binding() is None:
         raise cfg.error("export.gguf", f"{wanted[0]} is made by llama.cpp's llama-quantize, which is not on PATH "
                                        f"and {QUANTIZE_ENV} is unset; {QUANTIZE_HOWTO}; or list only types the "
                                        "gguf library writes (f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)")
@@ -332,13 +345,23 @@ def write_gguf(merged_dir: Path, dest: Path, stem: str, qtype_name: str, *, add_
 
 
 def llama_quantize(source: Path, dest: Path, qtype_name: str) -> Path:
-    """Quantize the f16 GGUF ``source`` into ``dest`` with llama.cpp's ``llama-quantize`` (a k-quant).
+    """Quantize the f16 GGUF ``source`` into ``dest`` with llama.cpp's quantizer (a k-quant): the
+    ``llama-quantize`` binary, else llama-cpp-python's binding of the same function.
 
-    Raises ConfigError when the binary is gone, DataError with its last output line when it fails.
+    Raises ConfigError when neither is here, DataError (with the binary's last output line) when it fails.
     """
     binary = quantize_binary()
     if binary is None:
-        raise ConfigError(f"export.gguf: {qtype_name} needs llama.cpp's llama-quantize; {QUANTIZE_HOWTO}")
+        binding = _llama_cpp_binding()
+        if binding is None:
+            raise ConfigError(f"export.gguf: {qtype_name} needs llama.cpp's llama-quantize; {QUANTIZE_HOWTO}")
+        params = binding.llama_model_quantize_default_params()
+        params.ftype = getattr(binding, f"LLAMA_FTYPE_MOSTLY_{qtype_name.upper()}")
+        if binding.llama_model_quantize(str(source).encode(), str(dest).encode(), params) != 0:
+            raise DataError(f"llama.cpp could not quantize {source.name} to {qtype_name}")
+        log.info("export.gguf", path=str(dest), type=qtype_name, quantizer="llama-cpp-python",
+                 bytes=dest.stat().st_size)
+        return dest
     done = subprocess.run([binary, str(source), str(dest), qtype_name.upper()], capture_output=True, text=True,
                           check=False)
     if done.returncode != 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,15 @@ def test_gguf_types_are_checked_when_the_config_loads() -> None:
         load_config(None, ["export.gguf=[f16, F16]"])
 
 
-def test_a_k_quant_needs_llama_quantize_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _no_quantizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No llama-quantize (not named, not on PATH) and no llama-cpp-python (as when it is not installed)."""
     monkeypatch.delenv(gguf_export.QUANTIZE_ENV, raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-quantize on it
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+
+
+def test_a_k_quant_needs_llama_quantize_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_quantizer(monkeypatch, tmp_path)
     gguf_export.check_plan(load_config(None, ["export.gguf=[q8_0, q5_1]"]))  # the gguf library writes these
     with pytest.raises(ConfigError) as e:
         gguf_export.check_plan(load_config(None, ["export.gguf=[q8_0, q4_k_m]"]))
@@ -55,8 +62,7 @@ def test_the_dry_run_refuses_a_k_quant_without_the_quantizer(monkeypatch: pytest
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     from tests import cli
 
-    monkeypatch.delenv(gguf_export.QUANTIZE_ENV, raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    _no_quantizer(monkeypatch, tmp_path)
     code, _, err = cli.run_main(["train", "--config", "configs/demo.yaml", "--dry-run", "--set",
                                  "export.gguf=[q4_k_m]", "--set", f"output.store={tmp_path / 'store'}"], capsys)
     assert code == 2
