@@ -22,6 +22,7 @@ weights are permuted on the way (Qwen2 uses the halves order in both).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -287,7 +288,13 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int, add_bos: bool,
     writer.add_tokenizer_pre(pre)
     writer.add_token_list([t for t, _ in tokens])
     writer.add_token_types([int(k) for _, k in tokens])
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    vocab_log = logging.getLogger("gguf.vocab")
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)  # its guesses at add_bos from the post-processor: decided below instead
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    finally:
+        vocab_log.setLevel(level)
     special.chat_template = chat_template
     special.add_special_token["bos"] = add_bos
     special.add_special_token["eos"] = False
