@@ -133,3 +133,15 @@ def test_a_prompt_that_go_templates_would_misread_is_refused() -> None:
     parts = ollama.PromptParts(head="Use {{ braces }}: ", tail="\n<think>\n", add_bos=True, eos="</s>")
     with pytest.raises(ConfigError, match="Ollama TEMPLATE"):
         ollama.modelfile("m.gguf", parts, model_name="m", template_name="x")
+
+
+def test_the_model_card_names_the_gguf_files_and_the_ollama_steps() -> None:
+    from job.export import model_card
+
+    lineage = {"base_model": {"uri": "hf://org/base", "revision": None},
+               "dataset": {"source": "hf://org/data", "rows": 10, "content_sha256": "b" * 64}}
+    card = model_card(load_config(None, ["export.gguf=[q8_0, f16]", "output.model_name=med"], env={}), lineage,
+                      {"train_loss": 1.0}, {})
+    assert "`med-q8_0.gguf`, `med-f16.gguf`" in card
+    assert "ollama create med -f med-q8_0.Modelfile\nollama run med\n" in card
+    assert "GGUF" not in model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
