@@ -145,3 +145,22 @@ def test_the_model_card_names_the_gguf_files_and_the_ollama_steps() -> None:
     assert "`med-q8_0.gguf`, `med-f16.gguf`" in card
     assert "ollama create med -f med-q8_0.Modelfile\nollama run med\n" in card
     assert "GGUF" not in model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
+
+
+def test_llama_3_rope_scaling_is_written_as_transformers_computes_it() -> None:
+    """R1-Distill-Llama-8B's rope scaling (Llama 3.1's) becomes llama.cpp's ``rope_freqs`` divisors: the base
+    frequencies over the scaled ones transformers uses."""
+    import numpy as np
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=scaling,
+                         max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
+    as_dict = config.to_dict()
+    divisors = gguf_export._llama3_rope_factors(as_dict, gguf_export._rope_scaling(as_dict, Path("config.json")))
+    assert divisors.shape == (64,) and divisors[0] == 1.0 and divisors[-1] == 8.0
+    np.testing.assert_allclose(divisors, base / scaled.double().numpy(), rtol=1e-5)
