@@ -82,8 +82,9 @@ def check_plan(cfg: JobConfig) -> None:
     wanted = [t for t in cfg.export.gguf if t in GGUF_K_QUANTS]
     if wanted and quantize_binary() is None and _llama_cpp_binding() is None:
         raise cfg.error("export.gguf", f"{wanted[0]} is made by llama.cpp's llama-quantize, which is not on PATH "
-                                       f"and {QUANTIZE_ENV} is unset; {QUANTIZE_HOWTO}; or list only types the "
-                                       "gguf library writes (f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)")
+                                       f"({QUANTIZE_ENV} is unset and llama-cpp-python is not installed); "
+                                       f"{QUANTIZE_HOWTO}; or list only types the gguf library writes (f16, bf16, "
+                                       "q8_0, q4_0, q4_1, q5_0, q5_1)")
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any], where: str) -> str:
@@ -93,7 +94,9 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any], where: str) -> str:
     pre-tokenizer itself instead, which is what those ids depend on: Llama-3's split pattern (digits in
     threes, R1-Distill-Llama) is ``llama-bpe``, Qwen2's (single digits, R1-Distill-Qwen) is ``qwen2``, and
     GPT-2's built-in byte-level split (what transformers rebuilds SmolLM2's tokenizer as) is ``gpt-2``.
-    Raises ConfigError for any other (the GGUF would split text differently from training).
+    Raises ConfigError for any other (the GGUF would split text differently from training). A normalizer is not
+    carried: llama.cpp has none, so R1-Distill-Qwen's NFC step is skipped there (text already in NFC, as
+    nearly all text is, tokenizes the same).
     """
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
