@@ -77,7 +77,7 @@ def _llama(path: Path, **kw: Any) -> Any:
     return Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0, **kw)
 
 
-def _rows(tokenizer: Any) -> list[dict[str, str]]:
+def _rows() -> list[dict[str, str]]:
     return sample_records()[:3]
 
 
@@ -99,7 +99,7 @@ def test_llama_cpp_tokenizes_the_modelfile_prompt_into_the_ids_training_used(exp
     llm = _llama(exported.gguf("q8_0"), vocab_only=True)
     tok, template = exported.tokenizer, exported.template
     go = exported.prompt_template("q8_0")
-    for row in _rows(tok):
+    for row in _rows():
         prompt = ollama.fill_go_template(go, row["Question"])
         # add_bos: llama.cpp adds what the GGUF says (BOS for these tokenizers), as Ollama does.
         assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == template.encode_prompt(row["Question"], tok)
@@ -121,13 +121,13 @@ def test_transformers_reads_the_gguf_tokenizer_with_the_tokenizer_json_ids(
     exported = Exported(tmp_path_factory.mktemp(f"{layout}-tok"), layout, types="[f16]", pre_tokenizer=pre_tokenizer)
     tok, template = exported.tokenizer, exported.template
     # Without R1-Distill's added tokens (the trailing <think>), which transformers' GGUF tokenizers leave out.
-    texts = [t for row in _rows(tok) for t in (template.prompt(row["Question"], tok).removesuffix("<think>\n"),
+    texts = [t for row in _rows() for t in (template.prompt(row["Question"], tok).removesuffix("<think>\n"),
                                                row["Complex_CoT"], row["Response"])]
     assert _transformers_ids(exported.gguf("f16"), texts) == [tok(t, add_special_tokens=False)["input_ids"]
                                                                for t in texts]
     # llama.cpp takes every text whole, the added tokens and EOS included.
     llm = _llama(exported.gguf("f16"), vocab_only=True)
-    for row in _rows(tok):
+    for row in _rows():
         text = template.text(row["Question"], row["Complex_CoT"], row["Response"], tok)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"]
 
