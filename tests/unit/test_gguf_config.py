@@ -18,6 +18,8 @@ from job.tokenizer import load_tokenizer
 from registry.errors import ConfigError
 from tests.data_factory import R1_SPLIT_PATTERNS, sample_records, write_r1_distill_tokenizer
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_gguf_types_are_checked_when_the_config_loads() -> None:
     assert load_config(None, ["export.gguf=[Q8_0, f16, q4_k_m]"]).export.gguf == ("q8_0", "f16", "q4_k_m")
@@ -63,7 +65,7 @@ def test_the_dry_run_refuses_a_k_quant_without_the_quantizer(monkeypatch: pytest
     from tests import cli
 
     _no_quantizer(monkeypatch, tmp_path)
-    code, _, err = cli.run_main(["train", "--config", "configs/demo.yaml", "--dry-run", "--set",
+    code, _, err = cli.run_main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--dry-run", "--set",
                                  "export.gguf=[q4_k_m]", "--set", f"output.store={tmp_path / 'store'}"], capsys)
     assert code == 2
     assert [line for line in cli.error_lines(err) if "llama-quantize" in line], err
