@@ -24,7 +24,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential python3 python3-dev python3-venv \
+ && apt-get install -y --no-install-recommends build-essential cmake python3 python3-dev python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/venv
@@ -39,6 +39,19 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN mkdir job registry \
  && touch job/__init__.py registry/__init__.py \
  && pip install -c constraints.txt '.[gpu,modelscope,tracking]'
+
+# llama.cpp's llama-quantize, which export.gguf needs for k-quants (q4_k_m, ...): built from the llama.cpp sources
+# vendored in the llama-cpp-python sdist pinned in constraints.txt, the binary only, statically linked against
+# llama.cpp (no OpenMP, no OpenSSL, portable CPU code: it quantizes once per export, speed hardly matters), into
+# the venv's bin/ so the one COPY of /opt/venv carries it onto PATH. cmake and the sources stay in this stage.
+RUN pip download --no-deps --no-binary :all: -c constraints.txt -d /tmp/llama llama-cpp-python \
+ && tar -xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama \
+ && cmake -S /tmp/llama/llama_cpp_python-*/vendor/llama.cpp -B /tmp/llama/build -DCMAKE_BUILD_TYPE=Release \
+      -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+ && cmake --build /tmp/llama/build --target llama-quantize -j "$(nproc)" \
+ && install -m 0755 /tmp/llama/build/bin/llama-quantize /opt/venv/bin/llama-quantize \
+ && rm -rf /tmp/llama
 
 # Now medft itself; --no-deps because every dependency is already installed from the pinned set above.
 COPY job/ job/

@@ -305,6 +305,12 @@ class EvalConfig(_Section):
         return self
 
 
+#: GGUF types the ``gguf`` library writes itself (job/gguf_export.py).
+GGUF_LIBRARY_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+#: k-quants: quantized from the f16 file by llama.cpp's ``llama-quantize`` (MEDFT_LLAMA_QUANTIZE or PATH).
+GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
 class ExportConfig(_Section):
     merge: bool = True
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -313,6 +319,32 @@ class ExportConfig(_Section):
     merge_tolerance: float = Field(2e-2, gt=0)
     """Largest allowed |logit difference| between the merged model and base + adapter, relative to the
     logits' own scale."""
+    gguf: tuple[str, ...] = ()
+    """GGUF files of the merged model to write (``gguf/<model_name>-<type>.gguf`` with an Ollama Modelfile each),
+    lower case as llama.cpp names them; a name is accepted in any case."""
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_types(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)):
+            return v
+        known = (*GGUF_LIBRARY_TYPES, *GGUF_K_QUANTS)
+        names = [str(t).lower() for t in v]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown GGUF type {name!r}; use any of {', '.join(known)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a GGUF type is listed twice ({', '.join(names)})")
+        return tuple(names)
+
+    @model_validator(mode="after")
+    def _gguf_needs_merge(self) -> ExportConfig:
+        if self.gguf and not self.merge:
+            raise ValueError("export.gguf needs export.merge=true (GGUF files are written from the merged "
+                             "model); set it, or export.gguf=[]")
+        return self
 
 
 class OutputConfig(_Section):

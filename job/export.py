@@ -289,6 +289,12 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
     for before, after in zip(answers.get("before", []), answers.get("after", [])):
         lines += [f"**Question:** {before['question']}", "", "Before:", "", "```", before["output"].strip(), "```",
                   "", "After:", "", "```", after["output"].strip(), "```", ""]
+    if cfg.export.gguf:
+        name, first = cfg.output.model_name, cfg.export.gguf[0]
+        lines += ["## Run it locally (GGUF)", "",
+                  "The `gguf` artifact holds " + ", ".join(f"`{name}-{t}.gguf`" for t in cfg.export.gguf) + ", each "
+                  "with an Ollama Modelfile beside it whose template is the prompt this model was trained with:", "",
+                  "```", f"ollama create {name} -f {name}-{first}.Modelfile", f"ollama run {name}", "```", ""]
     lines += ["## License", "", "Apache-2.0 for this adapter and card; the base model's own license applies to "
               "the merged weights.", ""]
     return redact_text("\n".join(lines))  # a card is public: no URL in it keeps its credentials

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import click
 
-from job import data, evaluate, export, loss_curve, model, preflight, publish, train
+from job import data, evaluate, export, gguf_export, loss_curve, model, preflight, publish, train
 from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
 from job.config import JobConfig, load_config
@@ -60,6 +60,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
     check_local_inputs(cfg)
     trackers = Trackers(cfg, run)  # train.report_to: refuses a tracker that is not installed (exit 2)
     model.check_weights_plan(cfg)
+    gguf_export.check_plan(cfg)  # a k-quant without llama-quantize: exit 2 now, not after training
     if dry_run:
         if not unsloth_available():
             select_backend(cfg)  # refuses model.backend=unsloth here as the real run does (nothing imported)
@@ -93,6 +94,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                              if cfg.model.merge_base else weights)
             if not targets_checked:
                 preflight.check_target_modules(cfg, weights.path / "config.json")
+            if cfg.export.gguf:
+                gguf_export.check_model(merge_weights.path)  # architecture and tokenizer llama.cpp can take
         boundary("after pulling")
         with stage("load"):
             plan = backend.plan(cfg)
@@ -131,6 +134,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                 merge_check = export.check_merge(merge_weights.path, outputs["adapter"], outputs["merged"],
                                                  tokenizer, list(cfg.eval.questions[:2]) or ["Hello"],
                                                  cfg.export.merge_tolerance)
+                if cfg.export.gguf:
+                    outputs["gguf"] = out / "gguf"
+                    gguf_export.export(cfg, outputs["merged"], outputs["gguf"], tokenizer)
         metrics = RunMetrics(
             train_loss=result.train_loss, eval_loss_before=before["eval_loss"],
             eval_loss_after=after["eval_loss"], steps=result.steps, tokens_per_s=result.tokens_per_s,

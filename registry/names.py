@@ -13,8 +13,10 @@ from registry.errors import ConfigError
 #: A model name, alias or run id: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit.
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 NAME_RE = re.compile(rf"^{NAME}$")
-#: The artifacts a run publishes, the one loaded by default first.
-ARTIFACTS = ("merged", "adapter")
+#: The artifacts a run publishes, the one loaded by default first; ``gguf`` only with ``export.gguf``.
+ARTIFACTS = ("merged", "adapter", "gguf")
+#: The artifacts ``medft generate``, ``chat`` and ``eval`` load (with transformers); a GGUF runs in llama.cpp.
+LOADABLE_ARTIFACTS = ("merged", "adapter")
 #: The benchmarks medft scores (their specs: ``job.medical_benchmarks``), which ``--require`` may name.
 BENCHMARK_NAMES = ("medqa", "medmcqa", "pubmedqa")
 #: The store when neither ``--store``, ``output.store`` nor ``MEDFT_STORE`` names one.

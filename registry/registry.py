@@ -398,7 +398,7 @@ def artifacts_from_manifest(manifest: dict[str, Any], run_uri: str, where: str) 
             raise DataError(f"{where} declares artifact {art!r} in {folder}/ but lists no files there")
         out[art] = {"uri": f"{run_uri}/{folder}", "files": inside}
     if not out:
-        raise DataError(f"{where} lists no artifact (adapter/ or merged/); nothing to register")
+        raise DataError(f"{where} lists no artifact (adapter/, merged/ or gguf/); nothing to register")
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, DataError, NotFoundError
-from registry.names import ARTIFACTS, NAME_RE
+from registry.names import LOADABLE_ARTIFACTS, NAME_RE
 from registry.records import RunRecord, parse_record
 from registry.redact import redact_urls
 from registry.store import (
@@ -39,7 +39,7 @@ FORMAT = 1
 RUNS = "runs"
 _RESERVED = ("format", "run_id", "created_at", "files")
 REQUIRED_FIELDS = ("format", "run_id", "created_at", "files")
-DEFAULT_ARTIFACTS = {name: name for name in sorted(ARTIFACTS)}  # adapter, merged
+DEFAULT_ARTIFACTS = {name: name for name in sorted(LOADABLE_ARTIFACTS)}  # adapter, merged
 
 
 def check_run_id(run_id: str) -> str:

@@ -154,11 +154,12 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
     AccessDeniedError 5, TransientError 75), resolving the ref, loading the weights and writing the record
     (ConflictError 75, the store's errors) raise; the scores are printed before a failed write's error.
     """
-    from job.inference.loading import load, load_base, unload
+    from job.inference.loading import check_loadable, load, load_base, unload
     from job.inference.refs import Version, resolve_ref
 
     out = out or sys.stdout
     _check_model_args(ref, base, template, base_revision, record)
+    check_loadable(artifact)  # before any question or weight is downloaded
     if record_as is not None:  # the base's scores under a model name: NAME@base (registry/base_scores.py)
         from registry.names import check_name
 

@@ -17,7 +17,7 @@ from job.cache import MARKER
 from job.inference.refs import Version
 from registry.errors import NotFoundError
 from registry.logs import get_logger
-from registry.names import ARTIFACTS
+from registry.names import ARTIFACTS, LOADABLE_ARTIFACTS  # noqa: F401 - ARTIFACTS re-exported by job.inference
 
 log = get_logger(__name__)
 
@@ -46,7 +46,7 @@ def fetch_artifact(version: Version, artifact: str = "merged") -> Path:
 
     if artifact not in version.artifacts:
         has = ", ".join(sorted(version.artifacts)) or "none"
-        other = next((a for a in ARTIFACTS if a in version.artifacts), None)
+        other = next((a for a in LOADABLE_ARTIFACTS if a in version.artifacts), None)
         raise NotFoundError(f"{version.label} has no {artifact!r} artifact (it has: {has})"
                             + (f"; use --artifact {other}" if other else ""))
     spec = version.artifacts[artifact]

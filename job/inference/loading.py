@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from job.backends import inference_backend
-from job.inference.artifacts import ARTIFACTS, fetch_artifact
+from job.inference.artifacts import fetch_artifact
 from job.inference.checks import check_artifact, refuse_code
 from job.inference.refs import Version
 from job.templates import Template, get_template
 from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
+from registry.names import LOADABLE_ARTIFACTS
 
 log = get_logger(__name__)
 
@@ -75,6 +76,16 @@ def _pull_base(version: Version, trust_remote_code: bool = False) -> Path:
     return weights.path
 
 
+def check_loadable(artifact: str) -> None:
+    """ConfigError (exit 2) for an artifact transformers cannot load here (``gguf``: llama.cpp runs it)."""
+    if artifact == "gguf":
+        raise ConfigError("--artifact gguf: medft generate, chat and eval load safetensors with transformers, not "
+                          "a GGUF file; use --artifact merged, or fetch the GGUF with `medft registry download REF DEST "
+                          "--artifact gguf` and run it with llama.cpp or Ollama (README: Run it locally)")
+    if artifact not in LOADABLE_ARTIFACTS:
+        raise ConfigError(f"--artifact {artifact!r}: use one of {', '.join(LOADABLE_ARTIFACTS)}")
+
+
 def load(version: Version, artifact: str = "merged", *, trust_remote_code: bool = False) -> Loaded:
     """Load a version's ``merged`` weights, or its base model with the ``adapter`` applied.
 
@@ -83,8 +94,7 @@ def load(version: Version, artifact: str = "merged", *, trust_remote_code: bool 
     or the base fails :func:`check_artifact` or the base weights are not the ones the adapter was trained on,
     and ConfigError for an unknown artifact or template.
     """
-    if artifact not in ARTIFACTS:
-        raise ConfigError(f"--artifact {artifact!r}: use one of {', '.join(ARTIFACTS)}")
+    check_loadable(artifact)
     template = get_template(version.template_name)
     started = time.monotonic()
     backend = inference_backend()

@@ -116,6 +116,31 @@ def test_push_adapter_to_a_new_branch_of_a_new_private_repo_then_main(
                                                                                  ("main", "adapter")]
 
 
+def test_push_gguf_sends_the_gguf_files_modelfiles_and_card(
+        hub: FakeHub, tmp_path: Path, sample_run_dir: Path, publish_sample_run: Callable[..., str],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import SAMPLE_RECORD
+
+    store = str(tmp_path / "store")
+    monkeypatch.setenv("MEDFT_STORE", store)
+    (sample_run_dir / "gguf").mkdir()
+    gguf_bytes = b"GGUF" + os.urandom(300_000)  # over the LFS threshold, as a real GGUF is
+    (sample_run_dir / "gguf" / "med-q8_0.gguf").write_bytes(gguf_bytes)
+    (sample_run_dir / "gguf" / "med-q8_0.Modelfile").write_text("FROM ./med-q8_0.gguf\n")
+    (sample_run_dir / "gguf" / "README.md").write_text(CARD)
+    publish_sample_run(store, "run-1", {**SAMPLE_RECORD, "artifacts": {**SAMPLE_RECORD["artifacts"], "gguf": "gguf"}})
+    reg = Registry.open(store + "/registry")
+    reg.register("med", "run-1", store=open_store(store))
+
+    code, _, err = push(["med:1", "hf://org/med-gguf", "--artifact", "gguf", "--create"], capsys)
+    assert (code, cli.error_lines(err)) == (0, [])
+    [commit] = hub.commits("org/med-gguf")
+    assert sorted(commit.added) == ["README.md", "med-q8_0.Modelfile", "med-q8_0.gguf"]
+    assert commit.added == reg.get("med:1").artifacts["gguf"]["files"]
+    assert hub.lfs[commit.added["med-q8_0.gguf"]] == gguf_bytes
+    assert [(p.repo, p.artifact) for p in reg.get("med:1").pushes] == [("org/med-gguf", "gguf")]
+
+
 @pytest.mark.parametrize(("argv", "code", "says"), [
     (["med:1", "s3://bucket/med"], 2, "must be hf://org/name"),
     (["med:1", "hf://med"], 2, "must be hf://org/name"),
