@@ -25,14 +25,8 @@ from registry.errors import ConfigError, DataError
 from registry.registry import Registry
 from registry.store import open_store
 from tests.conftest import SAMPLE_RECORD
+from tests.eval_factory import answers_and_score
 from tests.model_factory import tiny_config
-
-
-def _score(correct: int, scored: int = 200) -> dict[str, Any]:
-    return {"benchmark": "medqa", "accuracy": correct / scored, "interval": [0.4, 0.7], "correct": correct,
-            "scored": scored, "no_answer_share": 0.0, "hit_limit_share": 0.0, "median_reasoning_tokens": 300.0,
-            "source": "hf://GBaker/MedQA-USMLE-4-options", "limit": scored, "seed": 0, "content_sha256": "c" * 64,
-            "max_new_tokens": 1024}
 
 
 def test_the_gate_lets_an_equal_accuracy_through_and_refuses_one_question_less(
@@ -41,9 +35,10 @@ def test_the_gate_lets_an_equal_accuracy_through_and_refuses_one_question_less(
     registry = Registry.open(store + "/registry")
     for n, correct in enumerate([110, 110, 109], start=1):
         record = copy.deepcopy(SAMPLE_RECORD)
-        record["metrics"]["benchmarks_after"] = {"medqa": _score(correct)}
-        registry.register("m", publish_sample_run(store, run_id=f"run-{n}", record=record),
-                          aliases=["production"] if n == 1 else [])
+        answers, score = answers_and_score(correct / 200)  # the gate recomputes each score from its answers
+        record["metrics"]["benchmarks_after"] = {"medqa": score}
+        run = publish_sample_run(store, run_id=f"run-{n}", record=record, files={"benchmarks/after/medqa.jsonl": answers})
+        registry.register("m", run, aliases=["production"] if n == 1 else [])
     with pytest.raises(ConfigError, match="m:3 scores 54.5% .* lower than m:1"):
         registry.set_alias("m", 3, "production", require=["medqa"])
     assert registry.get("m@production").version == 1
