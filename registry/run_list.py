@@ -16,7 +16,6 @@ corrupt        a manifest, lease or checkpoint marker that cannot be read
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from registry.errors import DataError, MedftError, NotFoundError
-from registry.runs import MANIFEST, RUNS, parse_manifest
+from registry.runs import MANIFEST, RUNS, json_object, parse_manifest
 from registry.store import BucketNotFound, Store
 
 if TYPE_CHECKING:
@@ -57,14 +56,7 @@ def _utc(seconds: float) -> str:
 
 
 def _json(rs: Store, key: str) -> dict:
-    data, _ = rs.get_bytes(key)
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{rs.url(key)} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{rs.url(key)} is not a JSON object")
-    return doc
+    return json_object(rs.get_bytes(key)[0], rs.url(key))
 
 
 def _run_state(store: Store, run_id: str, keys: set[str], versions: list[str]) -> RunState:

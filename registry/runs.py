@@ -115,13 +115,20 @@ def write_manifest(store: Store, run_id: str, files: list[ObjectInfo], record: d
     return store.url(key)
 
 
-def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+def json_object(data: bytes, where: str, consequence: str = "") -> dict[str, Any]:
+    """``data`` as one JSON object; DataError naming ``where`` (then ``consequence``, e.g. "; the run is
+    corrupt") when it is not valid JSON or not an object."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{where} is not valid JSON ({e}); the run is corrupt") from None
+        raise DataError(f"{where} is not valid JSON ({e}){consequence}") from None
     if not isinstance(doc, dict):
-        raise DataError(f"{where} is not a JSON object; the run is corrupt")
+        raise DataError(f"{where} is not a JSON object{consequence}")
+    return doc
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    doc = json_object(data, where, "; the run is corrupt")
     for name in REQUIRED_FIELDS:
         if name not in doc:
             raise DataError(f"{where} lacks the required field {name!r}; the run is corrupt")
