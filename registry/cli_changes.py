@@ -16,6 +16,7 @@ import click
 from registry.cli import _echo_json, _open, _open_existing, registry_group, store_options
 from registry.compare import text_table
 from registry.model_state import HistoryEntry
+from registry.redact import printable
 
 
 def _entry_line(e: HistoryEntry) -> str:
@@ -28,8 +29,9 @@ def _entry_line(e: HistoryEntry) -> str:
     if e.deliveries:
         ok = sum(1 for d in e.deliveries if d.get("ok"))
         bits.append(f"webhooks {ok}/{len(e.deliveries)} delivered")
-    return f"{e.seq:>5}  {e.at}  {e.action:<14} {what:<24} by {e.by or '?'} via {e.via or '?'}" + "".join(
-        f"; {b}" for b in bits if b)
+    # Who, how, reasons and refusals are stored text: no control character of theirs reaches the terminal.
+    return (f"{e.seq:>5}  {e.at}  {e.action:<14} {what:<24} by {printable(e.by or '?')} via {printable(e.via or '?')}"
+            + "".join(f"; {printable(b)}" for b in bits if b))
 
 
 @registry_group.command("history")
@@ -238,7 +240,7 @@ def runs_cmd(store_uri: str, registry_uri: str | None, as_json: bool) -> None:
         click.echo(f"no runs in {store.uri}")
     else:
         click.echo(text_table([[r.run_id, r.state, "-" if r.step is None else str(r.step),
-                                ",".join(r.versions) or "-", r.stopped] for r in runs],
+                                ",".join(r.versions) or "-", printable(r.stopped)] for r in runs],
                               ["RUN", "STATE", "STEP", "VERSIONS", "WHERE IT STOPPED"]))
     corrupt = [r for r in runs if r.state == "corrupt"]
     if corrupt:  # listed with the rest, then named: exit 3

@@ -21,6 +21,7 @@ from registry.answers import RunStores, check_answers
 from registry.errors import ConfigError, DataError
 from registry.names import BENCHMARK_NAMES
 from registry.records import BenchmarkScore, RunMetrics, dotted
+from registry.redact import printable
 from registry.store import Store, open_store
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
@@ -134,7 +135,7 @@ def comparison(versions: Sequence[ModelVersion], verified: Verified | None = Non
 
 
 def _short(value: Any, width: int = 48) -> str:
-    text = "-" if value is None else str(value)
+    text = "-" if value is None else printable(value)  # stored text: no control characters reach the terminal
     return text if len(text) <= width else text[:width - 3] + "..."
 
 

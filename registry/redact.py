@@ -122,3 +122,9 @@ def redact(value: Any, secrets: list[str] | None = None) -> Any:
                 value = value.replace(s, REDACTED)
         return redact_text(value)
     return value
+
+
+def printable(text: Any) -> str:
+    """``text`` on one line without control characters: what a record or a model wrote must not move the
+    terminal's cursor or change its colours (ESC sequences), whoever wrote the record."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())

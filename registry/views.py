@@ -14,6 +14,7 @@ from typing import Any
 from registry.compare import answers_files, format_score, text_table
 from registry.errors import NotFoundError
 from registry.records import dump
+from registry.redact import printable
 from registry.registry import Registry
 from registry.store import LocalStore, Store
 from registry.versions import ModelVersion
@@ -53,12 +54,6 @@ def _when(stamp: str, *, seconds: bool = False) -> str:
     """``2026-12-06T03:54:47.323Z`` as ``2026-12-06 03:54`` (or with seconds), in UTC as recorded."""
     text = stamp.replace("T", " ")[:19 if seconds else 16]
     return text + (" UTC" if seconds else "")
-
-
-def _printable(text: Any) -> str:
-    """``text`` on one line without control characters: what a record or a model wrote must not move the
-    terminal's cursor or change its colours (ESC sequences), whoever wrote the record."""
-    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
 
 
 def _cut(text: str, width: int) -> str:
@@ -171,9 +166,9 @@ def _answers(answers: dict[str, Any] | None) -> list[str]:
         b = before[n] if n < len(before) and isinstance(before[n], dict) else {}
         a = after[n] if n < len(after) and isinstance(after[n], dict) else {}
         question = str(a.get("question") or b.get("question") or "")
-        lines.append(f"  Q{n + 1}  {_cut(_printable(question), _ANSWER_CHARS // 2)}")
+        lines.append(f"  Q{n + 1}  {_cut(printable(question), _ANSWER_CHARS // 2)}")
         for label, answer in (("before", b), ("after", a)):
-            text = _printable(answer.get("output") or "-")
+            text = printable(answer.get("output") or "-")
             lines.append(f"      {label:<6}  {_cut(text, _ANSWER_CHARS)}")
     return lines
 
@@ -187,11 +182,11 @@ def version_text(mv: ModelVersion, answers: dict[str, Any] | None = None) -> str
     lines = [head, f"  created      {_when(mv.created_at, seconds=True)}", f"  run          {mv.run_id}",
              f"  run uri      {mv.run_uri}"]
     if mv.description:
-        lines.append(f"  description  {_printable(mv.description)}")
+        lines.append(f"  description  {printable(mv.description)}")
     for art, spec in sorted(mv.artifacts.items()):
         lines.append(f"  {art:<12} {spec['uri']}  ({len(spec['files'])} files)")
     for r in mv.alias_refusals:
-        lines.append(f"  not @{r.get('alias')}  the gate refused it at registration: {_printable(r.get('refusal'))}")
+        lines.append(f"  not @{r.get('alias')}  the gate refused it at registration: {printable(r.get('refusal'))}")
     for p in mv.pushes:
         lines.append(f"  pushed       hf://{p.repo}@{p.revision}  commit {p.commit}  ({p.artifact}, {p.pushed_at})")
     for e in mv.evaluations:
@@ -219,6 +214,6 @@ def version_text(mv: ModelVersion, answers: dict[str, Any] | None = None) -> str
     if env:
         lines += _section("Environment", ["  " + ", ".join(f"{k} {v}" for k, v in env.items())])
     if mv.tags:
-        lines += _section("Tags", _pairs([(_printable(k), _printable(v)) for k, v in sorted(mv.tags.items())]))
+        lines += _section("Tags", _pairs([(printable(k), printable(v)) for k, v in sorted(mv.tags.items())]))
     lines += ["", "Every figure in full: --json"]
     return "\n".join(lines)

@@ -247,3 +247,16 @@ def test_the_jobs_registration_keeps_a_protected_alias_and_carries_tags_and_desc
     refused = reg.history("m", "demo")[0]
     assert (refused.action, refused.via, refused.reason) == ("refused", "job run-2", "output.aliases of run run-2")
     assert publish.register(run).version == 2  # a rerun registers nothing new
+
+
+def test_stored_text_reaches_the_terminal_without_control_characters(
+        store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A reason is stored text anyone with write access could have written: an ESC sequence in it must not
+    clear or recolour the terminal of whoever reads the history or compares versions."""
+    reg, _ = _model(store_uri, publish_sample_run, [0.5, 0.6])
+    reg.set_alias("m", 1, "staging")
+    reg.delete_alias("m", "staging", reason="\x1b[2J\x1b[31mwiped\x1b[0m by hand")
+    for command in (["history", "m"], ["compare", "m:1", "m:2"], ["runs"]):
+        code, out, err = run_main(["registry", *command, "--store", store_uri], capsys)
+        assert code == 0 and "\x1b" not in out, (command, err)
+    assert "reason: [2J [31mwiped [0m by hand" in run_main(["registry", "history", "m", "--store", store_uri], capsys)[1]
