@@ -260,8 +260,8 @@ def check_artifact_folder(folder: Folder | Path, where: str, artifact: str, *, t
 
     ``merged``: what :func:`check_weights_dir` demands of any weights (config.json, safetensors only, no pickle
     beside them, index naming present safetensors, true headers). ``adapter``: adapter_config.json and
-    adapter_model.safetensors with a true header, no pickle. Both: no ``auto_map`` or ``.py`` file unless
-    ``trust_remote_code``.
+    adapter_model.safetensors with a true header, no pickle. ``gguf``: no pickle. All: no ``auto_map`` or
+    ``.py`` file unless ``trust_remote_code``.
     """
     folder = _folder(folder)
     if artifact == "merged":
@@ -269,6 +269,8 @@ def check_artifact_folder(folder: Folder | Path, where: str, artifact: str, *, t
             check_weights(folder, where)
         except NotFoundError as e:  # the record lists these files: a folder without weights is a corrupt record
             raise DataError(e.message) from None
+    elif artifact == "gguf":  # GGUF files and Modelfiles are data for llama.cpp and Ollama; medft loads neither
+        refuse_pickles(folder, where)
     else:
         refuse_pickles(folder, where)
         top = _top(folder)

@@ -71,3 +71,22 @@ def test_generate_chat_and_eval_refuse_the_gguf_artifact_in_one_line(
     [line] = cli.error_lines(err)
     assert "--artifact gguf" in line and "llama.cpp or Ollama" in line and "--artifact merged" in line
     assert not (tmp_path / "cache" / "models").exists()  # refused before anything was downloaded
+
+
+def test_a_gguf_artifact_holding_a_pickle_is_not_registered(tmp_path: Path, sample_run_dir: Path,
+                                                            publish_sample_run: Callable[..., str]) -> None:
+    """Registration applies the loading checks to every artifact: a gguf/ folder is data for llama.cpp, but a
+    pickle beside it is refused as anywhere else (exit 3 naming it), and no version is written."""
+    from registry.errors import DataError
+
+    store = str(tmp_path / "store")
+    (sample_run_dir / "gguf").mkdir()
+    (sample_run_dir / "gguf" / "med-q8_0.gguf").write_bytes(b"GGUF" + bytes(64))
+    (sample_run_dir / "gguf" / "extra.pkl").write_bytes(b"\x80\x04N.")
+    record = copy.deepcopy(SAMPLE_RECORD)
+    record["artifacts"]["gguf"] = "gguf"
+    publish_sample_run(store, "run-1", record)
+    reg = Registry.open(store + "/registry")
+    with pytest.raises(DataError, match=r"extra\.pkl"):
+        reg.register("med", "run-1", store=open_store(store))
+    assert reg.list() == []
