@@ -11,7 +11,6 @@ columns of that table as a picture. :func:`gate_refusal` says why an alias may n
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from registry.names import BENCHMARK_NAMES
 from registry.records import BenchmarkScore, RunMetrics, dotted
 from registry.redact import printable
 from registry.store import Store, open_store
+from registry.store.transfer import write_whole
 
 if TYPE_CHECKING:  # registry.registry imports this module for the gate
     from registry.versions import ModelVersion
@@ -237,12 +237,8 @@ def draw_scores(versions: Sequence[ModelVersion], dest: Path) -> None:
     fig.tight_layout()
     fmt = dest.suffix.lower().lstrip(".")
     metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
-    partial = dest.with_name(f".{dest.name}.partial")
-    try:
-        fig.savefig(partial, format=fmt, metadata=metadata, bbox_inches="tight")  # the legend's long refs too
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
+    # bbox_inches="tight": the legend's long refs too
+    write_whole(dest, lambda path: fig.savefig(path, format=fmt, metadata=metadata, bbox_inches="tight"))
 
 
 # What makes two scores of one benchmark comparable: the same questions, answered under the same token limit

@@ -18,7 +18,6 @@ are printed and ``--samples-out`` written first, so a failed write loses none of
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from registry.errors import ConfigError
 from registry.logs import get_logger
 from registry.records import BaseModelLineage, BenchmarkScore, EvaluationRecord, dump
 from registry.store import check_writable_file
-from registry.store.transfer import os_errors
+from registry.store.transfer import os_errors, write_whole
 
 log = get_logger(__name__)
 
@@ -100,16 +99,6 @@ def check_samples_out(path: str) -> Path:
         raise ConfigError(f"--samples-out {path}: folder {dest.parent} does not exist; create it or pick another path")
     check_writable_file(dest, "--samples-out")
     return dest
-
-
-def write_whole(dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` whole or not at all: a temporary file beside it, then a rename."""
-    partial = dest.with_name(f".{dest.name}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def describe_protocol(settings: EvalSettings) -> str:
@@ -214,7 +203,8 @@ def eval_command(ref: str | None, *, base: str | None = None, base_revision: str
     try:
         if dest is not None:
             with os_errors(dest, "writing"):  # a disk that fills while the answers are written: one line
-                write_whole(dest, b"".join(s.answers for s in scored.values()))
+                answers = b"".join(s.answers for s in scored.values())
+                write_whole(dest, lambda path: path.write_bytes(answers))
             payload["samples_out"] = str(dest)
             if not as_json:
                 out.write(f"every answer written to {dest}\n")

@@ -95,10 +95,13 @@ def unsupported(model: Any) -> str | None:
     return None
 
 
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _slot_bytes(config: Any, dtype_bytes: int, length: int) -> int:
-    heads = config.num_key_value_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * dim * dtype_bytes * length
+    """One slot's keys and values over ``length`` positions, every layer."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * _head_dim(config) * dtype_bytes * length
 
 
 def plan_engine(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, max_in_flight: int | None,
@@ -202,7 +205,7 @@ class _SlotModel:
         self.layers = self.inner.model.layers
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.dim = _head_dim(config)
         weight = self.inner.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         shape = (slots, self.kv_heads, length, self.dim)

@@ -104,6 +104,17 @@ def parallel(items: list[T], fn: Callable[[T], Any], workers: int) -> list[Any]:
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def write_whole(dest: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)`` into a hidden file beside ``dest``, then renamed over it: ``dest`` is whole or untouched,
+    and nothing partial is left behind, whatever ``write`` raises."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        write(partial)
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 @contextmanager
 def os_errors(path: Path | str, doing: str) -> Iterator[None]:
     """Map the OS errors a user can fix to medft errors with one clear line."""
