@@ -306,6 +306,9 @@ class ExportConfig(_Section):
     merge_tolerance: float = Field(2e-2, gt=0)
     """Largest allowed |logit difference| between the merged model and base + adapter, relative to the
     logits' own scale."""
+    merge_check_layers: int = Field(2, ge=0)
+    """The merge check compares models cut to their first this many decoder layers; 0 compares whole models
+    (two float32 copies of the model loaded one after the other)."""
     gguf: tuple[str, ...] = ()
     """GGUF files of the merged model to write (``gguf/<model_name>-<type>.gguf`` with an Ollama Modelfile each),
     lower case as llama.cpp names them; a name is accepted in any case."""

@@ -9,8 +9,11 @@ line suggesting bfloat16. The merged model's logits are then checked against bas
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,27 +65,59 @@ def read_adapter(adapter_dir: Path) -> LoraDelta:
     return LoraDelta(scaling=scaling, pairs=pairs)
 
 
+def merge_device(base_dir: Path) -> torch.device:
+    """Where the merge computes: the GPU when one is free enough for the largest tensor in float32 with its
+    temporaries (reading, casting and writing stay on the host either way), else the CPU.
+
+    The arithmetic is the same float32 on both (TF32 is turned off for it, see :func:`_merged_tensors`); the GPU
+    only removes the host's float32 passes over every weight, most of the export's time on an 8B model.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    largest = 0
+    for shard in _base_shards(base_dir):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                largest = max(largest, math.prod(f.get_slice(name).get_shape()))
+    torch.cuda.empty_cache()  # what the trained model left in PyTorch's cache is free for this
+    free, _total = torch.cuda.mem_get_info()
+    return torch.device("cuda") if free > 4 * 4 * largest + 2 * 1024**3 else torch.device("cpu")
+
+
+@contextmanager
+def _exact_float32() -> Iterator[None]:
+    """float32 products in full float32 (no TF32), which unsloth and the trainer may have allowed for speed."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, stats: dict[str, Any],
-                    on_shard: Callable[[], None] = lambda: None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every base tensor, merged where the adapter has a delta, in ``dtype``; ``on_shard()`` after each base
-    shard is read through (progress)."""
+                    device: torch.device, on_shard: Callable[[], None] = lambda: None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every base tensor, merged where the adapter has a delta, in ``dtype`` on the host; computed in float32
+    on ``device``. ``on_shard()`` after each base shard is read through (progress)."""
     delta = read_adapter(adapter_dir)
     merged = set()
-    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as lora:
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as lora, _exact_float32():
         for shard in _base_shards(base_dir):
             with safe_open(shard, "pt") as f:
                 for name in f.keys():
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(name).to(device)
                     if name in delta.pairs:
                         a_key, b_key = delta.pairs[name]
-                        w = tensor.float() + delta.scaling * (lora.get_tensor(b_key).float() @
-                                                              lora.get_tensor(a_key).float())
+                        lora_b, lora_a = (lora.get_tensor(k).to(device).float() for k in (b_key, a_key))
+                        w = tensor.float() + delta.scaling * (lora_b @ lora_a)
                         merged.add(name)
                     else:
                         w = tensor.float() if tensor.is_floating_point() else tensor
                     if w.is_floating_point():
-                        peak = float(w.abs().max()) if w.numel() else 0.0
-                        if not torch.isfinite(w).all():
+                        # One reduction finds both: the largest magnitude is NaN or inf when any weight is.
+                        peak = float(w.abs().amax()) if w.numel() else 0.0
+                        if not math.isfinite(peak):
                             raise DataError(f"{name}: merged weight is not finite; the adapter diverged "
                                             "(lower train.learning_rate)")
                         if dtype == torch.float16 and peak > _FP16_MAX:
@@ -90,7 +125,7 @@ def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, stats
                                               f"{_FP16_MAX:.0f}; set export.dtype=bfloat16")
                         w = w.to(dtype)
                     stats["tensors"] = stats.get("tensors", 0) + 1
-                    yield name, w.contiguous()
+                    yield name, w.cpu().contiguous()
             on_shard()
     missing = set(delta.pairs) - merged
     if missing:
@@ -105,9 +140,10 @@ def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig) -> dict
     Raises ConfigError (float16 overflow), DataError (adapter does not fit the base), TransientError (disk).
     """
     dtype = _TORCH_DTYPES[cfg.export.dtype]
-    stats: dict[str, Any] = {}
+    device = merge_device(base_dir)
+    stats: dict[str, Any] = {"device": device.type}
     with progress.current().task("merge", total=len(_base_shards(base_dir)), unit="shard") as task:
-        shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats, task.advance), dest,
+        shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats, device, task.advance), dest,
                                shard_size=cfg.export.shard_size)
     config = json.loads((base_dir / "config.json").read_text())
     config["dtype"] = cfg.export.dtype
@@ -126,39 +162,75 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).logits.float().cpu()
 
 
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _first_layers_bytes(weights_dir: Path, layers: int) -> int:
+    """float32 bytes of the tensors a model cut to its first ``layers`` decoder layers loads (every tensor when
+    ``layers`` is 0): embeddings, norms and head, and those layers."""
+    total = 0
+    for shard in _base_shards(weights_dir):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                layer = _LAYER.search(name)
+                if not layers or layer is None or int(layer[1]) < layers:
+                    total += 4 * math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def _float32_model(weights_dir: Path, layers: int, device: str) -> Any:
+    """The model in ``weights_dir`` in float32 on ``device``, cut to its first ``layers`` decoder layers (0: all).
+
+    The folder was checked to hold safetensors only; nothing in it runs code of its own here.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=False)
+    cut = bool(layers) and layers < config.num_hidden_layers
+    if cut:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):  # per-layer attention kinds: one per kept layer
+            config.layer_types = config.layer_types[:layers]
+    verbosity = hf_logging.get_verbosity()
+    if cut:  # the later layers' weights are left out on purpose: no load report listing each as unexpected
+        hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(weights_dir, config=config, dtype=torch.float32,
+                                                    use_safetensors=True, trust_remote_code=False,
+                                                    device_map={"": device}).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: Any, prompts: list[str],
-                tolerance: float) -> dict[str, float]:
+                tolerance: float, *, layers: int = 0) -> dict[str, Any]:
     """Compare the merged model's logits with base + adapter (unmerged) on ``prompts``.
 
     The difference is measured relative to the logits' scale: max |a - b| / max |b|. Both run in float32, so
     the check sees the merge and not bfloat16 rounding (which on its own reaches several percent on an 8B
     model); on the GPU when a float32 copy fits in its free memory, else on the CPU. One model is in memory at
-    a time. Raises DataError when the difference exceeds ``tolerance``.
+    a time. With ``layers`` > 0 both models are cut to their first ``layers`` decoder layers (with embeddings,
+    final norm and head): every layer is merged by the same code, and loading two float32 copies of a whole 8B
+    model was most of the check's time. Raises DataError when the difference exceeds ``tolerance``.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    fp32_bytes = 2 * sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
     device = "cpu"
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info()
-        device = "cuda" if free > 1.3 * fp32_bytes else "cpu"
-    dtype = torch.float32
+        device = "cuda" if free > 1.3 * _first_layers_bytes(merged_dir, layers) else "cpu"
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    # Both folders were checked to hold safetensors only; neither runs code of its own here.
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=False).to(device)
-    reference = _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), dict(batch))
-    del base
-    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True,
-                                                        trust_remote_code=False).to(device).eval()
-    merged_logits = _logits(merged_model, dict(batch))
-    del merged_model
+    with _exact_float32():
+        reference = _logits(PeftModel.from_pretrained(_float32_model(base_dir, layers, device), adapter_dir).eval(),
+                            dict(batch))
+        merged_logits = _logits(_float32_model(merged_dir, layers, device), dict(batch))
     mask = batch["attention_mask"].cpu().bool()
     diff = float((merged_logits - reference).abs()[mask].max())
     scale = float(reference.abs()[mask].max()) or 1.0
     result = {"max_abs_logit_diff": diff, "relative_diff": diff / scale, "tolerance": tolerance,
-              "compare_dtype": "float32", "device": device}
+              "compare_dtype": "float32", "device": device, "layers": layers or "all"}
     log.info("export.merge_check", **result)
     if diff / scale > tolerance:
         raise DataError(f"{merged_dir}: merged logits differ from base + adapter by {diff:.4g} "

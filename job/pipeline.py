@@ -133,7 +133,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                 save_tokenizer(tokenizer, outputs["merged"], probe)  # over the base's copied tokenizer files
                 merge_check = export.check_merge(merge_weights.path, outputs["adapter"], outputs["merged"],
                                                  tokenizer, list(cfg.eval.questions[:2]) or ["Hello"],
-                                                 cfg.export.merge_tolerance)
+                                                 cfg.export.merge_tolerance, layers=cfg.export.merge_check_layers)
                 if cfg.export.gguf:
                     outputs["gguf"] = out / "gguf"
                     gguf_export.export(cfg, outputs["merged"], outputs["gguf"], tokenizer)

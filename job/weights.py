@@ -51,8 +51,12 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], dest: Path, *, sh
     """Write named tensors as safetensors shards of at most ``shard_size`` bytes (one tensor may exceed it).
 
     One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors`` with a
-    ``model.safetensors.index.json``. Returns the shard file names. Disk full raises TransientError.
+    ``model.safetensors.index.json``. A full shard is written by a second thread while ``tensors`` produces the
+    next one (the merge computes while the disk writes), and at most one shard waits for the disk, so host
+    memory stays about two shards. Returns the shard file names. Disk full raises TransientError.
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -60,26 +64,41 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], dest: Path, *, sh
     shards: list[list[str]] = []
     pending: dict[str, torch.Tensor] = {}
     pending_bytes, total = 0, 0
+    writing: Future[None] | None = None
 
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            try:
-                save_file(pending, str(dest / f"part-{len(shards) + 1:05d}.safetensors"), metadata={"format": "pt"})
-            except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
-                raise TransientError(f"{dest}: cannot write a shard ({getattr(e, 'strerror', None) or e}); free "
-                                     "disk space and rerun with the same run id") from None
-            shards.append(list(pending))
-            pending, pending_bytes = {}, 0
+    def save(part: dict[str, torch.Tensor], path: Path) -> None:
+        try:
+            save_file(part, str(path), metadata={"format": "pt"})
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            raise TransientError(f"{dest}: cannot write a shard ({getattr(e, 'strerror', None) or e}); free "
+                                 "disk space and rerun with the same run id") from None
 
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + nbytes > shard_size:
-            flush()
-        pending[name] = tensor
-        pending_bytes += nbytes
-        total += nbytes
-    flush()
+    def wait() -> None:
+        nonlocal writing
+        if writing is not None:
+            done, writing = writing, None
+            done.result()  # re-raises the writer's TransientError here, in the caller's thread
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        def flush() -> None:
+            nonlocal pending, pending_bytes, writing
+            if pending:
+                wait()
+                writing = writer.submit(save, pending, dest / f"part-{len(shards) + 1:05d}.safetensors")
+                shards.append(list(pending))
+                pending, pending_bytes = {}, 0
+
+        for name, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if pending and pending_bytes + nbytes > shard_size:
+                flush()
+            pending[name] = tensor
+            pending_bytes += nbytes
+            total += nbytes
+        flush()
+        wait()
+    # When ``tensors`` raises, leaving the executor still waits for the shard on its way to disk, and the
+    # producer's error is the one reported.
     if len(shards) == 1:
         (dest / "part-00001.safetensors").replace(dest / "model.safetensors")
         return ["model.safetensors"]

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from job.config import load_config
 from job.export import merge
 from job.weights import validate_safetensors, write_sharded
-from registry.errors import ConfigError, DataError
+from registry.errors import ConfigError, DataError, TransientError
 from tests.model_factory import tiny_config
 
 
@@ -196,3 +196,49 @@ def test_the_merged_card_names_the_merge_base_the_adapter_card_the_trained_base(
     fronts = {art: yaml.safe_load(model_card(cfg, lineage, {}, {}, artifact=art).split("---\n")[1])
               for art in ("adapter", "merged")}
     assert fronts["adapter"]["base_model"] == "unsloth/base-bnb-4bit" and fronts["merged"]["base_model"] == "org/base"
+
+
+def test_a_diverged_adapter_is_named_not_merged(tmp_path):
+    base_dir, adapter_dir, _ = _base_and_adapter(tmp_path)
+    state = load_file(base_dir / "model.safetensors")
+    state["model.layers.1.self_attn.q_proj.weight"][3, 3] = float("nan")
+    save_file(state, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DataError, match=r"model\.layers\.1\.self_attn\.q_proj\.weight: merged weight is not finite"):
+        merge(base_dir, adapter_dir, tmp_path / "merged", load_config(None, env={}))
+
+
+def test_write_sharded_reports_a_shard_the_writer_thread_cannot_write(tmp_path):
+    (tmp_path / "part-00002.safetensors").mkdir()  # the second shard's path is taken: the write fails, even as root
+    tensors = [(f"t{i}", torch.zeros(1000)) for i in range(6)]
+    with pytest.raises(TransientError, match="cannot write a shard"):
+        write_sharded(iter(tensors), tmp_path, shard_size=9000)
+
+
+def test_write_sharded_reports_the_producers_error_after_a_shard_went_to_the_writer(tmp_path):
+    def tensors():
+        for i in range(5):
+            yield f"t{i}", torch.zeros(1000)
+        raise DataError("merged weight is not finite")
+
+    with pytest.raises(DataError, match="not finite"):
+        write_sharded(tensors(), tmp_path, shard_size=9000)
+    assert load_file(tmp_path / "part-00001.safetensors").keys() == {"t0", "t1"}  # written whole before the error
+
+
+def test_the_cut_merge_check_sees_only_its_layers(tmp_path):
+    """``layers=1`` compares models cut to their first decoder layer: a wrong weight in layer 1 passes it and
+    fails the whole-model check, so the cut is real (and the README says what it leaves out)."""
+    from job.export import check_merge
+    from tests.unit.test_planted_defences import _Tokens
+
+    base_dir, adapter_dir, _ = _base_and_adapter(tmp_path)
+    cfg = load_config(None, ["export.dtype=float32"], env={})
+    merge(base_dir, adapter_dir, tmp_path / "merged", cfg)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    merged["model.layers.1.mlp.down_proj.weight"] *= 3
+    save_file(merged, str(tmp_path / "merged" / "model.safetensors"), metadata={"format": "pt"})
+    prompts, tolerance = ["a fever", "chest pain"], cfg.export.merge_tolerance
+    cut = check_merge(base_dir, adapter_dir, tmp_path / "merged", _Tokens(), prompts, tolerance, layers=1)
+    assert cut["layers"] == 1 and cut["relative_diff"] < tolerance / 100
+    with pytest.raises(DataError, match="the merge is wrong"):
+        check_merge(base_dir, adapter_dir, tmp_path / "merged", _Tokens(), prompts, tolerance, layers=0)

@@ -56,9 +56,11 @@ class _Tokens:
         return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
-def test_the_merge_check_refuses_a_merge_off_by_a_wrong_lora_scale(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layers", [0, 1])
+def test_the_merge_check_refuses_a_merge_off_by_a_wrong_lora_scale(tmp_path: Path, layers: int) -> None:
     """A merge that applies the adapter at 1.5x its scale (an alpha/r mix-up) differs from base + adapter by a
-    few percent of the logits' scale: far over the 2% tolerance, far under 100x it."""
+    few percent of the logits' scale: far over the 2% tolerance, far under 100x it. Seen by the whole-model
+    check and by the one cut to the first layer (``export.merge_check_layers``)."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -78,8 +80,9 @@ def test_the_merge_check_refuses_a_merge_off_by_a_wrong_lora_scale(tmp_path: Pat
     merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", cfg)
     tolerance = cfg.export.merge_tolerance
     prompts = ["a fever and a stiff neck", "chest pain on exertion"]
-    good = check_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", _Tokens(), prompts, tolerance)
-    assert good["relative_diff"] < tolerance / 100
+    good = check_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", _Tokens(), prompts, tolerance,
+                       layers=layers)
+    assert good["relative_diff"] < tolerance / 100 and good["layers"] == (layers or "all")
 
     wrong = tmp_path / "wrong"
     merge(tmp_path / "base", tmp_path / "adapter", wrong, cfg)
@@ -88,7 +91,7 @@ def test_the_merge_check_refuses_a_merge_off_by_a_wrong_lora_scale(tmp_path: Pat
     save_file({k: base_tensors[k] + 1.5 * (v - base_tensors[k]) for k, v in merged.items()},
               wrong / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DataError, match="the merge is wrong") as refused:
-        check_merge(tmp_path / "base", tmp_path / "adapter", wrong, _Tokens(), prompts, tolerance)
+        check_merge(tmp_path / "base", tmp_path / "adapter", wrong, _Tokens(), prompts, tolerance, layers=layers)
     off = float(re.search(r"\(([0-9.]+)% of scale", refused.value.message)[1]) / 100
     assert off < 100 * tolerance  # the error a loosened check would let through
 
