@@ -148,7 +148,9 @@ def run_arm(spec: dict[str, Any]) -> dict[str, Any]:
         if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
             os.environ["MEDFT_GPU_MEMORY_GIB"] = str(spec["cap_gib"])  # this torch cannot report the fraction
     rows = json.loads(Path(spec["rows"]).read_text())
-    meter = Meter(spec["warmup"], attention_mask=spec["arm"] == "C-mask")
+    trace = spec.get("trace_steps", 0)
+    meter = Meter(spec["warmup"], attention_mask=spec["arm"] == "C-mask", trace_steps=trace,
+                  trace_out=Path(spec["out"]).with_suffix(".trace.txt") if trace else None)
     started = time.perf_counter()
     arm = spec["arm"]
     body = _arm_recipe if arm.startswith("B") else _arm_medft

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -41,8 +42,13 @@ class Meter:
     the host queues the next step, and hide what the trainer's own synchronizations cost.
     """
 
-    def __init__(self, warmup: int = 0, attention_mask: bool = False) -> None:
+    def __init__(self, warmup: int = 0, attention_mask: bool = False, trace_steps: int = 0,
+                 trace_out: Path | None = None) -> None:
         self.warmup = warmup
+        # torch.profiler over the last ``trace_steps`` warm-up steps (compiled by then, not yet timed), written
+        # to ``trace_out`` as a table of the kernels and ops that took the most device time.
+        self.trace_steps, self.trace_out = (trace_steps, trace_out) if 0 < trace_steps < warmup else (0, None)
+        self._profiler: Any = None
         self.attention_mask = attention_mask  # put back the mask the train stage leaves out of padded batches
         self.real: list[int] = []     # non-padding tokens per micro-batch
         self.fed: list[int] = []      # tokens the model processed, padding included
@@ -88,6 +94,7 @@ class Meter:
                 meter.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
+                meter.trace(state.global_step)
                 if state.global_step in (meter.warmup, state.max_steps):
                     sync()
                 meter.step_end.append(time.perf_counter())
@@ -97,6 +104,29 @@ class Meter:
                     meter.losses.append(float(logs["loss"]))
 
         return Timing()
+
+    def trace(self, step: int) -> None:
+        """Called at the end of each optimizer ``step``: starts the profiler ``trace_steps`` steps before the
+        timing starts and writes its table when the timing starts (before the clock is read)."""
+        if not self.trace_steps:
+            return
+        import torch
+
+        if step == self.warmup - self.trace_steps:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+        elif step == self.warmup and self._profiler is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._profiler.__exit__(None, None, None)
+            order = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            table = self._profiler.key_averages().table(sort_by=order, row_limit=45, max_name_column_width=70)
+            assert self.trace_out is not None
+            self.trace_out.write_text(f"{self.trace_steps} optimizer steps before timing, by {order}\n{table}\n")
+            self._profiler = None
 
     def summary(self, grad_accum: int) -> dict[str, Any]:
         steps = len(self.step_end)

@@ -66,6 +66,7 @@ class Options:
     arms: str
     steps: int
     warmup: int
+    trace_steps: int
     rows: int
     max_seq_length: int
     cap_gib: float
@@ -211,7 +212,8 @@ def _run_arms(key: str, plan: list[tuple[str, str, float]], prep: dict[str, Any]
         tag = f"{arm}-{model_key}" + (f"-cap{cap:g}" if cap else "")
         spec = {"arm": arm, "model": model_key, "weights": prep["weights"], "rows": str(rows_path),
                 "steps": a.steps, "warmup": a.warmup, "cap_gib": cap, "max_seq_length": a.max_seq_length,
-                "work": str(work / "runs" / tag), "out": str(work / f"result-{tag}.json")}
+                "work": str(work / "runs" / tag), "out": str(work / f"result-{tag}.json"),
+                "trace_steps": a.trace_steps}
         log = work / "logs" / f"{tag}.log"
         rc = _subprocess([sys.executable, "-m", MODULE, "--run-arm", json.dumps(spec)], log,
                          a.arm_timeout, env)
@@ -300,6 +302,9 @@ def benchmark(a: Options, command: str) -> None:
 @click.option("--arms", default="A,B,C", help=f"comma-separated, of {', '.join(ARMS)}; model:arm for one model only")
 @click.option("--steps", type=int, default=15, help="optimizer steps per arm (8 rows each)")
 @click.option("--warmup", type=int, default=3, help="first steps left out of the timing")
+@click.option("--trace-steps", type=int, default=0,
+              help="profile this many of the last warm-up steps of each arm (fewer than --warmup); the table of "
+                   "ops by device time goes to result-<arm>-<model>.trace.txt under --work")
 @click.option("--rows", type=int, default=512)
 @click.option("--max-seq-length", type=int, default=2048)
 @click.option("--cap-gib", type=float, default=0.0, help="also run --cap-arms on --cap-models, capped")
