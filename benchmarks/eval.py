@@ -152,6 +152,9 @@ def _emit(line: dict[str, Any], out: Path | None) -> None:
 def main(arch_key: str, questions: int, max_new_tokens: int, workloads: str, arms: str, mixed_min: int,
          mixed_max: int, max_in_flight: int | None, static_batch: int, max_seq_length: int, work: str,
          out: Path | None, dry: bool) -> None:
+    from job.backends import inference_backend
+
+    inference_backend()  # unsloth, where it runs, imported before transformers builds the checkpoint, as in medft eval
     from benchmarks.models import save_random_checkpoint
     from job import architectures
     from job.inference.batching import generate_many
