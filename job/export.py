@@ -134,17 +134,37 @@ def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, stats
     stats["merged_weights"] = len(merged)
 
 
-def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig) -> dict[str, Any]:
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+
+
+def _merged_sizes(base_dir: Path, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """(name, bytes) of every merged tensor in the order :func:`_merged_tensors` yields them, from the base's
+    safetensors headers alone: floating-point tensors in ``dtype``, the others as they are."""
+    sizes = []
+    for shard in _base_shards(base_dir):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                sliced = f.get_slice(name)
+                kind = sliced.get_dtype()
+                item = dtype.itemsize if kind.startswith(("F", "BF")) else _ITEM_BYTES[kind]
+                sizes.append((name, item * math.prod(sliced.get_shape())))
+    return sizes
+
+
+def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig,
+          on_written: Callable[[Path], None] = lambda path: None) -> dict[str, Any]:
     """Write base + adapter as sharded safetensors with config, generation config and tokenizer.
 
-    Raises ConfigError (float16 overflow), DataError (adapter does not fit the base), TransientError (disk).
+    ``on_written(path)`` is called (from a writer thread) as each shard is complete on disk, under its final
+    name. Raises ConfigError (float16 overflow), DataError (adapter does not fit the base), TransientError (disk).
     """
     dtype = _TORCH_DTYPES[cfg.export.dtype]
     device = merge_device(base_dir)
     stats: dict[str, Any] = {"device": device.type}
     with progress.current().task("merge", total=len(_base_shards(base_dir)), unit="shard") as task:
         shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats, device, task.advance), dest,
-                               shard_size=cfg.export.shard_size)
+                               sizes=_merged_sizes(base_dir, dtype), shard_size=cfg.export.shard_size,
+                               on_written=on_written)
     config = json.loads((base_dir / "config.json").read_text())
     config["dtype"] = cfg.export.dtype
     config.pop("quantization_config", None)

@@ -173,7 +173,8 @@ def _convert_gguf(gguf: Path) -> Path:
             continue
         seen.add(tensor.data_ptr())
         state[name] = tensor.to(torch.float16).contiguous()
-    write_sharded(iter(state.items()), tmp, shard_size=2 * 1024**3)
+    write_sharded(iter(state.items()), tmp, sizes=[(k, t.numel() * t.element_size()) for k, t in state.items()],
+                  shard_size=2 * 1024**3)
     model.config.dtype = "float16"
     # The weights are plain float16 now; a leftover GGUF quantization_config would make them untrainable.
     if hasattr(model.config, "quantization_config"):

@@ -66,8 +66,11 @@ def test_float16_overflow_suggests_bfloat16(tmp_path):
 
 def test_write_sharded_respects_shard_size(tmp_path):
     tensors = [(f"t{i}", torch.zeros(1000)) for i in range(10)]  # 4000 bytes each
-    names = write_sharded(iter(tensors), tmp_path, shard_size=9000)
-    assert len(names) == 5
+    written = []
+    names = write_sharded(iter(tensors), tmp_path, sizes=[(n, 4000) for n, _ in tensors], shard_size=9000,
+                          on_written=written.append)
+    assert len(names) == 5 and names[0] == "model-00001-of-00005.safetensors"
+    assert written == [tmp_path / name for name in names]  # each under its final name, in order
     for name in names:
         assert len(load_file(tmp_path / name)) == 2
         validate_safetensors(tmp_path / name)
@@ -208,10 +211,10 @@ def test_a_diverged_adapter_is_named_not_merged(tmp_path):
 
 
 def test_write_sharded_reports_a_shard_the_writer_thread_cannot_write(tmp_path):
-    (tmp_path / "part-00002.safetensors").mkdir()  # the second shard's path is taken: the write fails, even as root
+    (tmp_path / "model-00002-of-00003.safetensors").mkdir()  # that shard's path is taken: the write fails, even as root
     tensors = [(f"t{i}", torch.zeros(1000)) for i in range(6)]
     with pytest.raises(TransientError, match="cannot write a shard"):
-        write_sharded(iter(tensors), tmp_path, shard_size=9000)
+        write_sharded(iter(tensors), tmp_path, sizes=[(n, 4000) for n, _ in tensors], shard_size=9000)
 
 
 def test_write_sharded_reports_the_producers_error_after_a_shard_went_to_the_writer(tmp_path):
@@ -221,8 +224,14 @@ def test_write_sharded_reports_the_producers_error_after_a_shard_went_to_the_wri
         raise DataError("merged weight is not finite")
 
     with pytest.raises(DataError, match="not finite"):
-        write_sharded(tensors(), tmp_path, shard_size=9000)
-    assert load_file(tmp_path / "part-00001.safetensors").keys() == {"t0", "t1"}  # written whole before the error
+        write_sharded(tensors(), tmp_path, sizes=[(f"t{i}", 4000) for i in range(6)], shard_size=9000)
+    assert load_file(tmp_path / "model-00001-of-00003.safetensors").keys() == {"t0", "t1"}  # written whole before the error
+
+
+def test_write_sharded_refuses_a_tensor_out_of_its_plan(tmp_path):
+    with pytest.raises(RuntimeError, match="where the shard plan has 't1'"):
+        write_sharded(iter([("t0", torch.zeros(10)), ("t2", torch.zeros(10))]), tmp_path,
+                      sizes=[("t0", 40), ("t1", 40)], shard_size=100)
 
 
 def test_the_cut_merge_check_sees_only_its_layers(tmp_path):
@@ -242,3 +251,13 @@ def test_the_cut_merge_check_sees_only_its_layers(tmp_path):
     assert cut["layers"] == 1 and cut["relative_diff"] < tolerance / 100
     with pytest.raises(DataError, match="the merge is wrong"):
         check_merge(base_dir, adapter_dir, tmp_path / "merged", _Tokens(), prompts, tolerance, layers=0)
+
+
+def test_an_adapter_for_weights_the_base_lacks_is_refused_after_the_last_shard(tmp_path):
+    """The check runs when the merge has read every base tensor: the shard writer must drive it to its end."""
+    base_dir, adapter_dir, _ = _base_and_adapter(tmp_path)
+    state = load_file(base_dir / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DataError, match=r"adapter targets weights the base lacks \(model\.layers\.1\.mlp\.down_proj"):
+        merge(base_dir, adapter_dir, tmp_path / "merged", load_config(None, env={}))
