@@ -1,4 +1,11 @@
-"""The evaluate stage: held-out loss and greedy answers to fixed questions, before and after training."""
+"""The evaluate stage: held-out loss and greedy answers to fixed questions, before and after training.
+
+* :func:`eval_loss`: the mean loss per completion token over the eval rows, run in batches packed to a token
+  budget (:data:`EVAL_TOKEN_BUDGET`) instead of a fixed number of rows; the result does not depend on the
+  batching beyond floating-point rounding.
+* :func:`answers`: greedy answers to ``eval.questions`` through the batch engine
+  (:func:`job.inference.batching.generate_many`), the same engine ``medft eval`` scores benchmarks with.
+"""
 
 from __future__ import annotations
 
@@ -9,70 +16,114 @@ from typing import Any
 import torch
 
 from job.config import JobConfig
+from job.inference.batching import generate_many
+from job.inference.generate import Sampling
+from job.inference.loading import Loaded
 from job.templates import get_template
 from registry import progress
 from registry.logs import get_logger
 
 log = get_logger(__name__)
 
+#: Most padded tokens (rows x the batch's longest row) one eval-loss forward takes. Its logits dominate the
+#: memory: 16,384 positions of a 152k vocabulary (Qwen-based R1-Distill models) are 5 GB in bf16. The loss is
+#: then taken one row at a time in float32 (a row's logits and log-probabilities: 2 x 1.2 GB at 2,048 tokens),
+#: so the peak stays below that of the former fixed batches of 4 rows of 2,048 tokens (the whole batch's
+#: float32 logits and log-probabilities: 10 GB), while short rows go dozens to a forward instead of 4.
+#: A row longer than the budget runs alone.
+EVAL_TOKEN_BUDGET = 16_384
+
+
+def token_batches(lengths: list[int], budget: int = EVAL_TOKEN_BUDGET) -> list[list[int]]:
+    """Row indices packed into batches, longest rows first (an out-of-memory shows in the first batch).
+
+    Rows are sorted by length, descending (ties in index order), and each batch is filled while its padded
+    size, rows x its first (longest) row's length, stays at most ``budget``; a row longer than ``budget``
+    makes a batch of one. Every index appears exactly once."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
 
 @torch.no_grad()
-def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 4,
+def eval_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int, token_budget: int = EVAL_TOKEN_BUDGET,
               on_rows: Callable[[int], None] | None = None) -> float | None:
-    """Mean loss per trained (completion) token over ``rows``; None when there are no eval rows.
-    ``on_rows(n)`` is told each batch of ``n`` rows done (progress)."""
+    """Mean loss per trained (completion) token over ``rows`` (``input_ids`` and ``completion_mask`` each):
+    the summed cross-entropy of every token whose ``completion_mask`` is set, predicted from the tokens
+    before it, over the number of such tokens. None when there are no rows or no completion token.
+
+    Rows run right-padded in batches of :func:`token_batches` (``token_budget``); ``on_rows(n)`` is told each
+    batch of ``n`` rows done (progress). The model is in eval mode meanwhile and left in the mode it had."""
     if not rows:
         return None
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        width = max(len(r["input_ids"]) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, r in enumerate(chunk):
-            n = len(r["input_ids"])
-            ids[j, :n] = torch.tensor(r["input_ids"])
-            mask[j, :n] = 1
-            labels[j, :n] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])])
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shifted = labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                                 shifted.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((shifted != -100).sum())
-        if on_rows is not None:
-            on_rows(len(chunk))
-    model.train(was_training)
+    try:
+        for batch in token_batches([len(r["input_ids"]) for r in rows], token_budget):
+            chunk = [rows[i] for i in batch]
+            width = len(chunk[0]["input_ids"])  # the longest: batches are sorted longest first
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, r in enumerate(chunk):
+                ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"], dtype=torch.long)
+                mask[j, :len(r["input_ids"])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            summed = torch.zeros((), dtype=torch.float64, device=device)
+            for j, r in enumerate(chunk):  # one row at a time in float32: see EVAL_TOKEN_BUDGET
+                n = len(r["input_ids"])
+                # Position t's logits predict token t + 1: the targets are the row's completion tokens from 1 on.
+                targets = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"][1:], r["completion_mask"][1:])],
+                                       dtype=torch.long)
+                count += int((targets != -100).sum())
+                if n > 1:
+                    summed += torch.nn.functional.cross_entropy(logits[j, :n - 1].float(), targets.to(device),
+                                                               ignore_index=-100, reduction="sum").double()
+            total += float(summed)  # one host sync a batch, so the progress below counts rows really done
+            del logits
+            if on_rows is not None:
+                on_rows(len(chunk))
+    finally:
+        model.train(was_training)
     return total / count if count else None
 
 
 @torch.no_grad()
-def answers(model: Any, tokenizer: Any, cfg: JobConfig) -> list[dict[str, str]]:
-    """Greedy answers to ``eval.questions``, generated in one left-padded batch.
+def answers(model: Any, tokenizer: Any, cfg: JobConfig, on_answers: Callable[[int], None] | None = None,
+            label: str = "") -> list[dict[str, str]]:
+    """Greedy answers to ``eval.questions``, in their order: ``{"question", "output"}``, the output being
+    ``"<think>\\n"`` (the prompt's end) and the answer's text decoded without special tokens.
 
     Each prompt is encoded exactly as the head of a training example (BOS included where training had it).
-    """
-    template = get_template(cfg.data.template)
-    prompts = [template.encode_prompt(q, tokenizer) for q in cfg.eval.questions]
-    if not prompts:
+    The answers come from :func:`job.inference.batching.generate_many` (greedy, at most
+    ``eval.max_new_tokens`` tokens each, ending at the first stop token: the tokenizer's EOS or the model's
+    generation EOS), equal token for token to one-question-at-a-time greedy ``generate`` up to floating-point
+    differences between batch shapes. ``on_answers(n)`` is told as ``n`` more answers are done; ``label``
+    (before/after) names the run in the engine's log events. The model is in eval mode meanwhile and left in
+    the mode it had."""
+    questions = list(cfg.eval.questions)
+    if not questions:
         return []
-    width = max(len(p) for p in prompts)
-    # Left padding: generation continues from the last real token of every row.
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [{"question": q, "output": "<think>\n" + t} for q, t in zip(cfg.eval.questions, texts)]
+    loaded = Loaded(label=f"eval answers {label}".strip(), model=model, tokenizer=tokenizer,
+                    template=get_template(cfg.data.template), backend="job")
+    prompts = [loaded.prompt_ids(q) for q in questions]
+    answered = 0
+
+    def advance(done: int, total: int) -> None:
+        nonlocal answered
+        if on_answers is not None:
+            on_answers(done - answered)
+        answered = done
+
+    completions = generate_many(loaded, prompts, Sampling(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0),
+                                progress=advance)
+    texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
+    return [{"question": q, "output": "<think>\n" + t} for q, t in zip(questions, texts, strict=True)]
 
 
 def evaluate(model: Any, tokenizer: Any, eval_rows: list[dict[str, list[int]]], cfg: JobConfig,
@@ -85,9 +136,7 @@ def evaluate(model: Any, tokenizer: Any, eval_rows: list[dict[str, list[int]]], 
                               "perplexity": math.exp(loss) if loss is not None and loss < 50 else None}
     result["answers"] = []
     if cfg.eval.enabled:
-        # One batched generate call: the bar shows that the answers are being written, and how long they took.
         with progress.current().task(f"eval answers {label}", total=len(cfg.eval.questions), unit="question") as task:
-            result["answers"] = answers(model, tokenizer, cfg)
-            task.advance(len(result["answers"]))
+            result["answers"] = answers(model, tokenizer, cfg, on_answers=task.advance, label=label)
     log.info("eval.done", when=label, eval_loss=loss, eval_rows=len(rows), questions=len(result["answers"]))
     return result
