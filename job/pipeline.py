@@ -6,6 +6,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import click
 
@@ -71,7 +72,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
     backend = select_backend(cfg)
     targets_checked = preflight.check(cfg)
     stage, stop = StageClock(), Preemption()
-    with stop, Lease(run) as lease, trackers:
+    # EarlyUploads: the merged shards go up as the export writes them; leaving waits for (or drops) what is left.
+    with stop, Lease(run) as lease, trackers, publish.EarlyUploads(run, lease) as early_uploads:
         run_store = FencedStore(run.run_store, lease)  # every write into the run: lease confirmed, create-only
 
         def boundary(where: str) -> None:
@@ -129,7 +131,8 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             del peft_model
             if cfg.export.merge:
                 outputs["merged"] = out / "merged"
-                export.merge(merge_weights.path, outputs["adapter"], outputs["merged"], cfg)
+                export.merge(merge_weights.path, outputs["adapter"], outputs["merged"], cfg,
+                             on_written=partial(early_uploads.submit, "merged", outputs["merged"]))
                 save_tokenizer(tokenizer, outputs["merged"], probe)  # over the base's copied tokenizer files
                 merge_check = export.check_merge(merge_weights.path, outputs["adapter"], outputs["merged"],
                                                  tokenizer, list(cfg.eval.questions[:2]) or ["Hello"],
@@ -163,7 +166,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                                data_report=prepared.report.to_dict(), answers=answers,
                                environment=publish.environment(), config=cfg.to_dict())
             answer_files = {ANSWERS_FOLDER: answers_dir} if answers_dir.is_dir() else {}  # files, not an artifact
-            publish.publish(run, {**outputs, **answer_files}, record, lease)
+            publish.publish(run, {**outputs, **answer_files}, record, lease, uploaded=early_uploads.uploaded())
             version = publish.register(run, lease)
         trackers.finish(record, version)
     log.info("run.done", run_id=run.run_id, uri=run.uri, version=version.version, stage_seconds=stage.seconds)

@@ -2,7 +2,8 @@
 
 A run is published when, and only when, its manifest exists; registration happens after that and is made
 idempotent per run id, so a job killed between the two registers on its rerun, and a rerun of a published run
-registers nothing new.
+registers nothing new. :class:`EarlyUploads` lets the upload of the merged weights overlap the export that
+writes them: a shard goes up as soon as it is on disk, and :func:`publish` sends only what is left.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import hashlib
 import json
 import os
 import platform
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from job.lifecycle import FencedStore, Lease, Run
@@ -21,7 +24,7 @@ from registry.records import RunRecord, dump
 from registry.redact import redact_urls
 from registry.registry import Registry
 from registry.runs import write_manifest
-from registry.store import ObjectInfo
+from registry.store import ObjectInfo, local_files
 from registry.versions import ModelVersion
 
 log = get_logger(__name__)
@@ -41,22 +44,63 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def publish(run: Run, outputs: dict[str, Path], record: RunRecord, lease: Lease) -> str:
+class EarlyUploads:
+    """Files of an artifact uploaded while the export is still writing the rest (publish overlapping export).
+
+    :meth:`submit` queues a finished file for the run's store under ``<artifact>/<its path in the artifact's
+    folder>``; one background thread uploads them in order, every write fenced by the lease and create-only as
+    every write into the run (:class:`job.lifecycle.FencedStore`). Nothing is published by it: the manifest,
+    written last by :func:`publish`, is. Leaving the context waits for the upload in progress and, after an
+    error, drops those not started, so no thread writes into the run after the job stops.
+    """
+
+    def __init__(self, run: Run, lease: Lease) -> None:
+        self._store = FencedStore(run.run_store, lease)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-upload")
+        self._queued: dict[str, Future[ObjectInfo]] = {}
+
+    def submit(self, artifact: str, folder: Path, path: Path) -> None:
+        """Queue ``path`` (a complete file under ``folder``, not written to again) as part of ``artifact``."""
+        key = f"{artifact}/{path.relative_to(folder).as_posix()}"
+        self._queued[key] = self._pool.submit(self._store.put_file, key, path)
+
+    def uploaded(self) -> dict[str, ObjectInfo]:
+        """Every queued file's stored info (key -> info), waiting for those still going. Call it after the
+        writers that submit have finished. Raises the first failed upload's error (the store's, LeaseLost)."""
+        return {key: future.result() for key, future in self._queued.items()}
+
+    def __enter__(self) -> EarlyUploads:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=kind is not None)
+
+
+def publish(run: Run, outputs: dict[str, Path], record: RunRecord, lease: Lease,
+            uploaded: dict[str, ObjectInfo] | None = None) -> str:
     """Upload ``outputs`` (prefix -> local dir) plus config and metrics, then write the manifest.
 
-    ``record`` goes into MANIFEST.json as its JSON form (:func:`registry.records.dump`), its metrics into
-    metrics.json too.
+    ``uploaded`` (key -> info, :meth:`EarlyUploads.uploaded`) are files already in the store, listed as they
+    are; the rest of an artifact that has some goes file by file. ``record`` goes into MANIFEST.json as its JSON
+    form (:func:`registry.records.dump`), its metrics into metrics.json too.
 
     Every write is fenced by ``lease`` (:class:`job.lifecycle.FencedStore`). Returns the run URI. Raises the
     store's errors and LeaseLost; on failure nothing is published (no manifest).
     """
     store = FencedStore(run.run_store, lease)
+    uploaded = uploaded or {}
     infos = []
     for prefix, local in outputs.items():
-        uploaded = store.put_dir(prefix, local)
-        infos += uploaded
-        log.info("publish.uploaded", artifact=prefix, files=len(uploaded),
-                 bytes=sum(info.size for info in uploaded))
+        if any(key.startswith(prefix + "/") for key in uploaded):
+            keys = [(f"{prefix}/{rel}", path) for rel, path in local_files(local)]
+            artifact_infos = [uploaded.get(key) or store.put_file(key, path) for key, path in keys]
+        else:
+            artifact_infos = store.put_dir(prefix, local)
+        infos += artifact_infos
+        log.info("publish.uploaded", artifact=prefix, files=len(artifact_infos),
+                 bytes=sum(info.size for info in artifact_infos),
+                 during_export=sum(info.key in uploaded for info in artifact_infos))
     # config.yaml was stored create-only when the run started (resolve.record_config); list it as it is.
     raw, _ = run.run_store.get_bytes("config.yaml")
     infos.append(ObjectInfo(key="config.yaml", size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), etag=None))

@@ -38,6 +38,7 @@ from registry.store.base import (
     check_local_dir,
     check_writable_dir,
     check_writable_file,
+    local_files,
 )
 from registry.store.local import LocalStore
 from registry.store.open import open_store, with_transfer
@@ -58,6 +59,7 @@ __all__ = [
     "check_local_dir",
     "check_writable_dir",
     "check_writable_file",
+    "local_files",
     "open_store",
     "sha256_file",
     "with_transfer",

@@ -161,8 +161,9 @@ def check_writable_file(path: Path, what: str) -> None:
     check_writable_dir(path.parent, f"{what} {path}: folder")
 
 
-def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
-    """(relative posix path, path) for every regular file under ``local_dir`` (file symlinks followed)."""
+def local_files(local_dir: Path) -> list[tuple[str, Path]]:
+    """(relative posix path, path) for every regular file under ``local_dir`` (file symlinks followed), sorted:
+    what :meth:`BaseStore.put_dir` uploads. Raises NotFoundError when ``local_dir`` is not a directory."""
     if not local_dir.is_dir():
         raise NotFoundError(f"local directory {local_dir} does not exist")
     out = []
@@ -267,7 +268,7 @@ class BaseStore(ABC):
         which go one at a time. Raises NotFoundError when ``local_dir`` is not a directory.
         """
         pfx = check_key(prefix, allow_empty=True)
-        files = _local_files(Path(local_dir))
+        files = local_files(Path(local_dir))
         alone = [f for f in files if self._uploads_in_parts(f[1])]
         side_by_side = [f for f in files if f not in alone]
 

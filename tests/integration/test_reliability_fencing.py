@@ -19,8 +19,10 @@ import pytest
 from job.checkpoints import Checkpointer
 from job.config import JobConfig
 from job.lifecycle import FencedStore, Lease, LeaseLost, Run
+from job.publish import EarlyUploads, publish
+from registry.records import RunRecord, parse_record
 from registry.store import PreconditionFailed, open_store
-from tests.conftest import make_s3_client
+from tests.conftest import SAMPLE_RECORD, make_s3_client
 from tests.faults import FaultProxy, Job, assert_published_whole, registry_versions, wait_lease_expired
 from tests.integration.conftest import ROOT, job_args, medft_cmd
 
@@ -150,3 +152,37 @@ def test_fenced_uploads_are_create_only_keep_identical_content_and_never_replace
     with pytest.raises(LeaseLost):
         fenced.delete("adapter/new.json")
     assert rs.exists("adapter/new.json")
+
+
+def test_early_uploads_are_fenced_listed_by_publish_and_stop_with_the_job(lease: Lease, tmp_path: Path):
+    """Shards uploaded while the export still writes (publish overlapping export): publish lists them as they
+    are and sends only the rest; an upload after the lease is lost fails, and nothing is written after an error."""
+    rs = lease.run.run_store
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for n in (1, 2):
+        (merged / f"model-0000{n}-of-00002.safetensors").write_bytes(b"shard %d" % n)
+    with EarlyUploads(lease.run, lease) as early:
+        for n in (1, 2):
+            early.submit("merged", merged, merged / f"model-0000{n}-of-00002.safetensors")
+        done = early.uploaded()
+    assert sorted(done) == ["merged/model-00001-of-00002.safetensors", "merged/model-00002-of-00002.safetensors"]
+    assert rs.get_bytes("merged/model-00002-of-00002.safetensors")[0] == b"shard 2"
+    etag = rs.stat("merged/model-00001-of-00002.safetensors").etag
+
+    (merged / "config.json").write_bytes(b"{}")  # written after the shards: publish sends it
+    rs.put_bytes("config.yaml", b"model: {}\n")  # stored when the run started, in a real job
+    publish(lease.run, {"merged": merged}, parse_record(RunRecord, SAMPLE_RECORD, "the sample"), lease, uploaded=done)
+    manifest = json.loads(rs.get_bytes("MANIFEST.json")[0])
+    assert {"merged/config.json", "merged/model-00001-of-00002.safetensors"} <= set(manifest["files"])
+    assert rs.stat("merged/model-00001-of-00002.safetensors").etag == etag  # listed, not sent again
+
+    rs.put_bytes("LEASE.json", json.dumps({"owner": "other:2:beef", "expires": time.time() + 60}).encode())
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "model.safetensors").write_bytes(b"late")
+    with pytest.raises(LeaseLost, match="other:2:beef"):
+        with EarlyUploads(lease.run, lease) as early:
+            early.submit("gguf", late, late / "model.safetensors")
+            early.uploaded()
+    assert not rs.exists("gguf/model.safetensors")

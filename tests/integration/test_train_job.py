@@ -29,16 +29,23 @@ def _reload_logits(path, ids):
 
 
 def test_train_publishes_registers_and_merges_exactly(tiny_model_dir, s3_bucket, job_env, tmp_path):
-    proc = run_medft(*job_args(tiny_model_dir, s3_bucket, "run-a", "--set", "export.dtype=float32"), env=job_env)
+    # Shards of about 150 kB: the merged weights come in several, each uploaded as soon as it is written.
+    proc = run_medft(*job_args(tiny_model_dir, s3_bucket, "run-a", "--set", "export.dtype=float32",
+                               "--set", "export.shard_size=150000"), env=job_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     assert events[0]["event"] == "config.resolved"
+    merged_upload = next(e for e in events if e["event"] == "publish.uploaded" and e["artifact"] == "merged")
+    shards = next(e for e in events if e["event"] == "export.merged")["shards"]
+    assert shards > 1 and merged_upload["during_export"] == shards  # the publish stage sent only the rest
     assert "medft registry show tiny:1" in proc.stdout
 
     manifest = _manifest(s3_bucket, "run-a")
     files = manifest["files"]
     for required in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/config.json",
-                     "merged/model.safetensors", "merged/README.md", "merged/generation_config.json",
+                     "merged/model.safetensors.index.json", f"merged/model-00001-of-{shards:05d}.safetensors",
+                     f"merged/model-{shards:05d}-of-{shards:05d}.safetensors", "merged/README.md",
+                     "merged/generation_config.json",
                      "merged/tokenizer.json", "config.yaml", "metrics.json"):
         assert required in files, required
     store = open_store(s3_bucket).child("runs/run-a")
