@@ -12,7 +12,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,8 @@ from job.weights import write_sharded
 from registry import progress
 from registry.errors import ConfigError, DataError
 from registry.logs import get_logger
-from registry.redact import redact_text
+from registry.precheck import UNNUMBERED, AliasOutlook
+from registry.redact import printable, redact_text
 
 log = get_logger(__name__)
 
@@ -345,9 +346,11 @@ def _merged_into(merge_base: dict[str, Any] | None) -> str:
 
 def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
                answers: dict[str, list[dict[str, str]]], *, loss_image: str | None = None,
-               loss_series: str | None = None, artifact: str = "merged") -> str:
+               loss_series: str | None = None, artifact: str = "merged",
+               aliases: Sequence[AliasOutlook] = ()) -> str:
     """An artifact's README.md (``artifact``: ``adapter`` or ``merged``): front matter the Hub reads
-    (:func:`card_front_matter`), what it is, where it came from, how it scored, and its limits.
+    (:func:`card_front_matter`), what it is, where it came from, how it scored, where its aliases are expected
+    to point (:func:`alias_section`), and its limits.
 
     ``loss_image`` (and ``loss_series``, the plotted numbers) name files beside the card
     (:mod:`job.loss_curve`), shown under "Loss curve".
@@ -377,6 +380,7 @@ def model_card(cfg: JobConfig, lineage: dict[str, Any], metrics: dict[str, Any],
                   "measured only before training (step 0) and after it (the last step): the two points."
                   + (f" The plotted numbers are in [`{loss_series}`]({loss_series})." if loss_series else "")]
     lines += benchmark_section(metrics.get("benchmarks_before") or {}, metrics.get("benchmarks_after") or {})
+    lines += alias_section(cfg.output.model_name, aliases)
     lines += ["", "## Answers before and after fine-tuning (greedy)", ""]
     for before, after in zip(answers.get("before", []), answers.get("after", [])):
         lines += [f"**Question:** {before['question']}", "", "Before:", "", "```", before["output"].strip(), "```",
@@ -412,4 +416,35 @@ def benchmark_section(before: dict[str, Any], after: dict[str, Any]) -> list[str
     if limit:
         lines += ["", f"At most {limit} new tokens per answer, {protocol_text(first)}; a subset, when limited, is the "
                   "same seeded one for every model (`medft eval --limit`)."]
+    return lines
+
+
+def alias_section(name: str, aliases: Sequence[AliasOutlook]) -> list[str]:
+    """The card's "Aliases" section: for each alias of ``output.aliases`` (as :func:`registry.precheck.
+    expected_aliases` judged it), whether registration is expected to point it at this version, or the gate
+    keeps it where it is and why; no lines without aliases.
+
+    The card is written before registration and says so: registration runs the gate again, and its output and
+    the version's record are what happened.
+    """
+    if not aliases:
+        return []
+    lines = ["", "## Aliases", "",
+             "Expected at the time the card was written, before this version was registered (`output.aliases`). "
+             "Registration runs the benchmark gate again and decides otherwise if an alias moved meanwhile: where "
+             f"they differ, what the job printed and the version's record (`medft registry show {name}:{UNNUMBERED}`, "
+             f"`alias_refusals`) are authoritative. {name}:{UNNUMBERED} is this version, numbered at registration.",
+             ""]
+    for outlook in aliases:
+        now = "unset" if outlook.holder is None else f"at version {outlook.holder}"
+        gate = f" (protected: {', '.join(outlook.require)})" if outlook.require else ""
+        head = f"- `{name}@{outlook.alias}`{gate}: "
+        if outlook.unchecked is not None:
+            lines.append(head + f"not known (it is {now} now); the gate could not be checked before publishing: "
+                         + printable(outlook.unchecked))
+        elif outlook.refusal is not None:
+            lines.append(head + f"stays {now}; the gate refuses this version: " + printable(outlook.refusal))
+        else:
+            lines.append(head + f"expected to move to this version (it is {now} now)"
+                         + ("; it passes the gate" if outlook.require else ""))
     return lines

@@ -21,6 +21,7 @@ from job.resolve import check_local_inputs, open_run, record_config
 from job.tokenizer import guard_texts, save_tokenizer
 from job.trackers import Trackers
 from registry.logs import JsonOnly, get_logger
+from registry.precheck import expected_aliases
 from registry.records import Lineage, RunMetrics, RunRecord, dump
 
 log = get_logger("medft.train")
@@ -153,13 +154,15 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         lineage = Lineage(base_model=weights.lineage(), dataset=data.used_identity(identity, prepared).to_dict(),
                           merge_base=merge_weights.lineage() if cfg.model.merge_base else None)
         answers = {"before": before["answers"], "after": after["answers"]}
+        # The card is written before registration: it says where the alias gate is expected to leave each alias.
+        aliases = expected_aliases(cfg.registry_uri, cfg.output.model_name, cfg.output.aliases, metrics)
         with disk_full_is_transient(out, "writing the model card"):
             loss_curve.write(loss_curve.series(result.loss_history, before["eval_loss"], after["eval_loss"],
                                                result.steps), outputs.values())
             for artifact, local in outputs.items():
                 (local / "README.md").write_text(export.model_card(
                     cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
-                    loss_series=loss_curve.SERIES, artifact=artifact))
+                    loss_series=loss_curve.SERIES, artifact=artifact, aliases=aliases))
         boundary("before publishing")
         with stage("publish"):
             record = RunRecord(artifacts={k: k for k in outputs}, lineage=lineage, metrics=metrics,

@@ -6,13 +6,15 @@ for it by ``medft eval REF --record`` (the record's ``evaluations``), else the t
 benchmark's accuracy with its 95% interval, eval loss, the data (dataset URI, revision, rows), the base
 model, and every config setting whose value differs between them. :func:`draw_scores` draws the benchmark
 columns of that table as a picture. :func:`gate_refusal` says why an alias may not move to a version under
-``--require``.
+``--require``; each side of it is a :class:`Contender`, a registered version or a job's run before it is
+published.
 """
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -310,24 +312,55 @@ def _rescore(ref: str, name: str, like: BenchmarkScore | None, registry_uri: str
     return command
 
 
-def _gated(mv: ModelVersion, name: str, registry_store: Store, like: BenchmarkScore | None,
+@dataclass(frozen=True)
+class Contender:
+    """One side of the gate, as :func:`gate_refusal` reads it: the ref its refusals name it by, its version
+    number (None before registration), its score on each benchmark with where each comes from (as
+    :func:`scored_by` gives them), and the run folder a training score's answers file lies in.
+
+    ``run_uri`` None: the scores were computed by this process from answers it still holds (a job judging its
+    own run before publishing it), so there is no stored file to recheck them against and they are used as
+    they are; registration checks them again once the run is published.
+    """
+
+    ref: str
+    version: int | None
+    scored: Mapping[str, tuple[BenchmarkScore, str]]
+    run_uri: str | None
+
+    @classmethod
+    def of(cls, mv: ModelVersion) -> Contender:
+        """A registered version: its scores are rechecked against their answers files before use."""
+        return cls(ref=mv.ref, version=mv.version, scored=scored_by(mv), run_uri=mv.run_uri)
+
+    @classmethod
+    def unpublished(cls, ref: str, metrics: RunMetrics) -> Contender:
+        """A job's run before it is published, named ``ref``: its scores after training, as it computed them."""
+        return cls(ref=ref, version=None, scored={name: (score, "training")
+                                                  for name, score in (metrics.benchmarks_after or {}).items()},
+                   run_uri=None)
+
+
+def _gated(side: Contender, name: str, registry_store: Store, like: BenchmarkScore | None,
            runs: RunStores) -> BenchmarkScore | None:
-    """``mv``'s score on ``name`` as the gate may use it: None without one; raises DataError (exit 3) when it does
-    not match its answers file (:func:`check_answers`) or has none (recorded by an older medft, so it cannot
-    be checked), saying how to re-score it."""
-    origin = scored_by(mv).get(name)
+    """``side``'s score on ``name`` as the gate may use it: None without one; raises DataError (exit 3) when it
+    does not match its answers file (:func:`check_answers`) or has none (recorded by an older medft, so it
+    cannot be checked), saying how to re-score it."""
+    origin = side.scored.get(name)
     if origin is None or not isinstance(origin[0].accuracy, (int, float)):
         return None
     score, by = origin
-    if not check_answers(mv.ref, mv.run_uri, name, score, by, registry_store, runs):
-        raise DataError(f"{mv.ref}'s {name} score ({by}) has no answers file (an older medft recorded it), so it "
-                        f"cannot be checked and the gate does not use it; re-score {mv.ref} with "
-                        f"{_rescore(mv.ref, name, like or score, registry_store.uri)}")
+    if side.run_uri is None:  # computed from answers this process holds (Contender): nothing stored to recheck
+        return score
+    if not check_answers(side.ref, side.run_uri, name, score, by, registry_store, runs):
+        raise DataError(f"{side.ref}'s {name} score ({by}) has no answers file (an older medft recorded it), so it "
+                        f"cannot be checked and the gate does not use it; re-score {side.ref} with "
+                        f"{_rescore(side.ref, name, like or score, registry_store.uri)}")
     return score
 
 
-def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require: Sequence[str],
-                 alias: str, registry: str | Store) -> str | None:
+def gate_refusal(candidate: ModelVersion | Contender, current: ModelVersion | Contender | None,
+                 require: Sequence[str], alias: str, registry: str | Store) -> str | None:
     """Why ``alias`` may not move to ``candidate`` under ``--require``, or None when it may; the reason says
     how to score what is missing.
 
@@ -336,8 +369,13 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
     version the alias points at now), or has a lower accuracy than ``current`` on it. A current version without
     a score does not block. Every score used is first recomputed from its answers file in ``registry`` (the
     registry's store, or its URI) or the version's run folder: DataError (exit 3, naming the version) when one
-    does not match its file or has none, whatever ``--force`` says.
+    does not match its file or has none, whatever ``--force`` says. A version is read as :meth:`Contender.of`
+    reads it.
     """
+    if not isinstance(candidate, Contender):
+        candidate = Contender.of(candidate)
+    if current is not None and not isinstance(current, Contender):
+        current = Contender.of(current)
     if current is not None and current.version == candidate.version:
         return None
     registry_store = open_store(registry) if isinstance(registry, str) else registry
@@ -347,7 +385,7 @@ def gate_refusal(candidate: ModelVersion, current: ModelVersion | None, require:
         other = _gated(current, name, registry_store, None, runs) if current is not None else None
         score = _gated(candidate, name, registry_store, other, runs)
         if score is None:
-            has = ", ".join(sorted(benchmark_scores(candidate))) or "none"
+            has = ", ".join(sorted(candidate.scored)) or "none"
             return (f"{candidate.ref} has no {name} score (benchmarks scored: {has}); score it with "
                     f"{_rescore(candidate.ref, name, other, registry_uri)}")
         if current is None or other is None:

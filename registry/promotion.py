@@ -1,8 +1,10 @@
 """What an alias move must pass, and the event a change of a model sends (see :mod:`registry.webhooks`).
 
 :func:`gated_move` applies one alias move to a model's state (:class:`~registry.model_state.ModelState`)
-through the benchmark gate: the ``--require`` benchmarks of the move plus those the alias is protected with.
-:func:`event` is the JSON body a history entry is announced with.
+through the benchmark gate: the ``--require`` benchmarks of the move (:func:`alias_gates`) plus those the
+alias is protected with, judged against the version the alias points at (:func:`holder_refusal`, which
+:mod:`registry.precheck` runs too, before a job's run is registered). :func:`event` is the JSON body a
+history entry is announced with.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from registry.compare import benchmark_scores, gate_refusal, required_benchmarks
+from registry.compare import Contender, benchmark_scores, gate_refusal, required_benchmarks
 from registry.errors import ConfigError, MedftError, NotFoundError
 from registry.logs import get_logger
 from registry.model_state import HistoryEntry, ModelState, current_user, parse_time
@@ -19,6 +21,7 @@ from registry.runs import now_iso
 
 if TYPE_CHECKING:  # registry.registry imports this module
     from registry.registry import Registry
+    from registry.versions import ModelVersion
 
 log = get_logger(__name__)
 
@@ -36,6 +39,23 @@ def refuse_while_aliased(state: ModelState, name: str, version: int, what: str) 
                           f"{'that alias' if len(held) == 1 else 'those aliases'} first; nothing changed")
 
 
+def alias_gates(state: ModelState, alias: str, require: Sequence[str] = ()) -> tuple[str, ...]:
+    """The benchmarks moving ``alias`` must pass: ``require`` plus those ``state`` protects it with (none: no
+    gate). ConfigError (exit 2) for an empty or unknown name (:func:`~registry.compare.required_benchmarks`)."""
+    return required_benchmarks([*require, *state.protected.get(alias, [])])
+
+
+def holder_refusal(reg: Registry, state: ModelState, name: str, alias: str, candidate: ModelVersion | Contender,
+                   gates: Sequence[str]) -> str | None:
+    """The gate's refusal of pointing ``alias`` at ``candidate`` under ``gates`` (None: it may move), judged
+    against the version the alias points at in ``state``, whose record is read now (an evaluation may have
+    been appended). Raises what :func:`~registry.compare.gate_refusal` raises, and NotFoundError when that
+    version cannot be read."""
+    previous = state.aliases.get(alias)
+    current = reg.get(f"{name}:{previous}") if previous is not None else None
+    return gate_refusal(candidate, current, gates, alias, reg.uri)
+
+
 def gated_move(reg: Registry, state: ModelState, name: str, version: int, alias: str, require: Sequence[str], *,
                force: bool, reason: str | None, via: str) -> tuple[dict[str, Any] | None, str | None]:
     """Point ``alias`` at ``version`` in ``state`` if the gate lets it: (history entry, the gate's refusal).
@@ -51,7 +71,7 @@ def gated_move(reg: Registry, state: ModelState, name: str, version: int, alias:
     if version in state.archived:
         raise ConfigError(f"{name}:{version} is archived; `medft registry unarchive {name} {version}` before pointing "
                           f"@{alias} at it; nothing changed")
-    gates = required_benchmarks([*require, *state.protected.get(alias, [])])
+    gates = alias_gates(state, alias, require)
     if force and not gates:
         raise ConfigError(f"--force overrides a gate refusal, and moving {name}@{alias} has no gate: give "
                           "--require BENCHMARK (or protect the alias with `medft registry protect`)")
@@ -60,9 +80,7 @@ def gated_move(reg: Registry, state: ModelState, name: str, version: int, alias:
         return None, None
     gate, refusal = None, None
     if gates:
-        candidate = reg.get(f"{name}:{version}")
-        current = reg.get(f"{name}:{previous}") if previous is not None else None
-        refusal = gate_refusal(candidate, current, gates, alias, reg.uri)
+        refusal = holder_refusal(reg, state, name, alias, reg.get(f"{name}:{version}"), gates)
         gate = {"require": list(gates), "verdict": "passed" if refusal is None else "forced" if force else "refused",
                 "refusal": refusal, "protected": list(state.protected.get(alias, []))}
     if refusal is not None and not force:

@@ -249,6 +249,103 @@ def test_the_jobs_registration_keeps_a_protected_alias_and_carries_tags_and_desc
     assert publish.register(run).version == 2  # a rerun registers nothing new
 
 
+def test_the_precheck_runs_the_registrations_gate_before_the_run_is_registered(
+        store_uri: str, publish_sample_run: Callable[..., str]) -> None:
+    """``registry.precheck.expected_aliases`` (what a job's model card says) judges a run from its scores as
+    registration then does; it names the unnumbered version ``m:VERSION``, and it is only what was expected."""
+    from job.export import alias_section
+    from registry.precheck import expected_aliases
+    from registry.records import RunMetrics
+
+    reg, _ = _model(store_uri, publish_sample_run, [0.55])
+    reg.set_alias("m", 1, "production")
+    reg.protect("m", "production", ["medqa"])
+    lower, higher = (scored_run(medqa, lr=lr) for medqa, lr in ((0.50, 2e-4), (0.60, 3e-4)))
+    aliases = ["production", "nightly"]
+
+    [refused, nightly] = expected_aliases(reg.uri, "m", aliases, RunMetrics.model_validate(lower["record"]["metrics"]))
+    assert (refused.alias, refused.holder, refused.require, refused.moves) == ("production", 1, ("medqa",), False)
+    assert refused.refusal is not None and refused.refusal.startswith(
+        "m:VERSION scores 50.0% [") and "lower than m:1 (@production now) at 55.0%" in refused.refusal
+    assert (nightly.holder, nightly.require, nightly.moves) == (None, (), True)
+    [passed, _] = expected_aliases(reg.uri, "m", aliases, RunMetrics.model_validate(higher["record"]["metrics"]))
+    assert passed.moves and passed.refusal is None and passed.holder == 1
+    section = "\n".join(alias_section("m", [refused, nightly]))
+    assert "Expected at the time the card was written" in section
+    assert f"- `m@production` (protected: medqa): stays at version 1; the gate refuses this version: {refused.refusal}" \
+        in section and "- `m@nightly`: expected to move to this version (it is unset now)" in section
+
+    # Registration then refuses with the same reason, naming the version it gave the run.
+    mv = reg.register("m", publish_sample_run(store_uri, run_id="run-2", **lower), aliases=aliases)
+    [refusal] = mv.alias_refusals
+    assert refusal["refusal"] == refused.refusal.replace("m:VERSION", "m:2") and mv.aliases == ("nightly",)
+
+    # Expected is not decided: a better version taking @production meanwhile refuses a run judged to pass.
+    reg.register("m", publish_sample_run(store_uri, run_id="run-3", **scored_run(0.65, lr=4e-4)),
+                 aliases=["production"])
+    mv = reg.register("m", publish_sample_run(store_uri, run_id="run-4", **higher), aliases=["production"])
+    assert reg.get("m@production").version == 3 and "lower than m:3" in mv.alias_refusals[0]["refusal"]
+
+    # A registry that cannot be read now leaves every alias unchecked, saying why; the job goes on.
+    aliases_file = Path(store_uri) / "registry/models/m/aliases.json"
+    aliases_file.write_text("[]")
+    [unchecked] = expected_aliases(reg.uri, "m", ["production"], RunMetrics.model_validate(higher["record"]["metrics"]))
+    assert not unchecked.moves and unchecked.unchecked is not None and "aliases.json" in unchecked.unchecked
+    assert "the gate could not be checked before publishing: " in "\n".join(alias_section("m", [unchecked]))
+
+
+def test_a_jobs_model_card_says_which_aliases_the_gate_keeps_and_why(
+        store_uri: str, publish_sample_run: Callable[..., str], tiny_model_dir: Path, job_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """Issue 26: a training job whose version fails the gate for a protected alias publishes and registers,
+    the alias stays, and the published model card says so and why; an alias it passes the gate for is expected
+    to move, and an unprotected one too."""
+    from registry.redact import printable
+    from registry.store import open_store
+    from tests.eval_factory import write_benchmark
+    from tests.integration.conftest import job_args, run_medft
+
+    reg = Registry.open(store_uri + "/registry")
+    # tiny:1 holds @production, scored on other questions (and protocol) than the job's: the gate refuses.
+    reg.register("tiny", publish_sample_run(store_uri, run_id="run-1", **scored_run(0.60)),
+                 aliases=["production"])
+    # tiny:2 holds @staging without a medqa score: a holder without one does not block a run that has one.
+    reg.register("tiny", publish_sample_run(store_uri, run_id="run-2", **scored_run(None)), aliases=["staging"])
+    for alias in ("production", "staging"):
+        reg.protect("tiny", alias, ["medqa"])
+    medqa = write_benchmark(tmp_path, "medqa")
+    proc = run_medft(*job_args(tiny_model_dir, store_uri, "run-card", "--set", "eval.benchmarks=medqa",
+                               "--set", f"eval.benchmark_sources={{medqa: {{file: '{medqa}'}}}}",
+                               "--set", "eval.benchmark_limit=4", "--set", "eval.benchmark_max_new_tokens=6",
+                               "--set", "output.aliases=[production, staging, candidate]"), env=job_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # Published and registered; @production stayed, the others moved; the output says why.
+    mv = reg.get("tiny:3")
+    assert mv.run_id == "run-card" and mv.aliases == ("candidate", "staging")
+    assert reg.get("tiny@production").version == 1
+    [refusal] = mv.alias_refusals
+    assert refusal["alias"] == "production" and "were scored on medqa with different questions" in refusal["refusal"]
+    assert f"@production stays at version 1: {refusal['refusal']}" in proc.stdout
+
+    # Both cards, read back from the store, said so before registration, with the reason registration gave.
+    run_store = open_store(store_uri).child("runs/run-card")
+    for artifact in ("merged", "adapter"):
+        run_store.get_file(f"{artifact}/README.md", tmp_path / artifact / "README.md")
+        card = (tmp_path / artifact / "README.md").read_text()
+        section = card[card.index("\n## Aliases\n"):].split("\n## ")[1]
+        lines = [line for line in section.splitlines() if line.startswith("- ")]
+        expected_reason = printable(refusal["refusal"]).replace("tiny:3", "tiny:VERSION")
+        assert lines == [
+            f"- `tiny@production` (protected: medqa): stays at version 1; the gate refuses this version: "
+            f"{expected_reason}",
+            "- `tiny@staging` (protected: medqa): expected to move to this version (it is at version 2 now); it "
+            "passes the gate",
+            "- `tiny@candidate`: expected to move to this version (it is unset now)",
+        ], section
+        assert "Expected at the time the card was written" in section and "authoritative" in section
+
+
 def test_stored_text_reaches_the_terminal_without_control_characters(
         store_uri: str, publish_sample_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
     """A reason is stored text anyone with write access could have written: an ESC sequence in it must not
