@@ -10,7 +10,7 @@ from functools import partial
 
 import click
 
-from job import data, evaluate, export, gguf_export, loss_curve, model, preflight, publish, train
+from job import data, evaluate, export, gguf_export, loss_curve, model, model_card, preflight, publish, train
 from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
 from job.config import JobConfig, load_config
@@ -160,7 +160,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             loss_curve.write(loss_curve.series(result.loss_history, before["eval_loss"], after["eval_loss"],
                                                result.steps), outputs.values())
             for artifact, local in outputs.items():
-                (local / "README.md").write_text(export.model_card(
+                (local / "README.md").write_text(model_card.model_card(
                     cfg, dump(lineage), dump(metrics), answers, loss_image=loss_curve.IMAGE,
                     loss_series=loss_curve.SERIES, artifact=artifact, aliases=aliases))
         boundary("before publishing")

@@ -253,7 +253,7 @@ def test_the_precheck_runs_the_registrations_gate_before_the_run_is_registered(
         store_uri: str, publish_sample_run: Callable[..., str]) -> None:
     """``registry.precheck.expected_aliases`` (what a job's model card says) judges a run from its scores as
     registration then does; it names the unnumbered version ``m:VERSION``, and it is only what was expected."""
-    from job.export import alias_section
+    from job.model_card import alias_section
     from registry.precheck import expected_aliases
     from registry.records import RunMetrics
 

@@ -93,7 +93,7 @@ def test_safetensors_header_that_lies_about_sizes_is_refused(tmp_path):
 
 
 def test_model_card_shows_benchmarks_before_and_after_with_intervals() -> None:
-    from job.export import model_card
+    from job.model_card import model_card
 
     cfg = load_config(None, env={})
     lineage = {"base_model": {"uri": "hf://org/base", "revision": None},
@@ -123,7 +123,7 @@ def test_model_card_front_matter_is_what_the_hub_reads(uri: str, base: str | Non
     ``datasets`` likewise, ``library_name`` per artifact, and ``model-index`` for the scores it shows."""
     import yaml
 
-    from job.export import model_card
+    from job.model_card import model_card
 
     lineage = {"base_model": {"uri": uri, "revision": None},
                "dataset": {"source": "hf://org/data", "rows": 10, "content_sha256": "b" * 64}}
@@ -148,7 +148,7 @@ def test_model_card_front_matter_is_what_the_hub_reads(uri: str, base: str | Non
 def test_a_local_data_file_is_not_a_hub_dataset_and_no_scores_no_model_index() -> None:
     import yaml
 
-    from job.export import model_card
+    from job.model_card import model_card
 
     lineage = {"base_model": {"uri": "hf://org/base"}, "dataset": {"source": "data/x.jsonl", "rows": 1,
                                                                    "content_sha256": "b" * 64}}
@@ -179,7 +179,7 @@ def test_the_published_adapter_names_its_base_not_the_cache(tmp_path, uri: str, 
 ])
 def test_model_card_names_the_data_without_empty_settings(dataset: dict, line: str) -> None:
     """A local file has no subset or split: the card leaves them out rather than printing Python's None."""
-    from job.export import model_card
+    from job.model_card import model_card
 
     lineage = {"base_model": {"uri": "hf://org/base"}, "dataset": {**dataset, "rows": 10, "content_sha256": "b" * 64}}
     card = model_card(load_config(None, env={}), lineage, {"train_loss": 1.0}, {})
@@ -191,7 +191,7 @@ def test_the_merged_card_names_the_merge_base_the_adapter_card_the_trained_base(
     ``model.merge_base``, and that is the base their card links to."""
     import yaml
 
-    from job.export import model_card
+    from job.model_card import model_card
 
     lineage = {"base_model": {"uri": "hf://unsloth/base-bnb-4bit"}, "merge_base": {"uri": "hf://org/base"},
                "dataset": {"source": "hf://org/data", "rows": 1, "content_sha256": "b" * 64}}

@@ -138,7 +138,7 @@ def test_a_prompt_that_go_templates_would_misread_is_refused() -> None:
 
 
 def test_the_model_card_names_the_gguf_files_and_the_ollama_steps() -> None:
-    from job.export import model_card
+    from job.model_card import model_card
 
     lineage = {"base_model": {"uri": "hf://org/base", "revision": None},
                "dataset": {"source": "hf://org/data", "rows": 10, "content_sha256": "b" * 64}}

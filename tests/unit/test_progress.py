@@ -112,7 +112,7 @@ def test_loss_curve_png_and_numbers(tmp_path: Path) -> None:
 
 def test_model_card_shows_the_loss_curve() -> None:
     from job.config import load_config
-    from job.export import model_card
+    from job.model_card import model_card
 
     cfg = load_config(None, ())
     lineage = {"base_model": {"uri": "hf://org/base", "revision": "abc"},

@@ -129,7 +129,7 @@ def test_a_store_that_is_down_is_named_without_its_credentials(monkeypatch, caps
 
 def test_a_model_card_quotes_sources_without_their_credentials():
     from job.config import load_config
-    from job.export import model_card
+    from job.model_card import model_card
 
     lineage = {"base_model": {"uri": f"https://u:{SECRET}@models.example/base?token={SECRET}"},
                "dataset": {"source": f"https://data.example/rows.jsonl?X-Amz-Signature={SECRET}", "rows": 10,
