@@ -73,7 +73,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
     backend = select_backend(cfg)
     targets_checked = preflight.check(cfg)
     stage, stop = StageClock(), Preemption()
-    # EarlyUploads: the merged shards go up as the export writes them; leaving waits for (or drops) what is left.
+    # EarlyUploads: merged shards go up to S3 as the export writes them; leaving waits for (or drops) what is left.
     with stop, Lease(run) as lease, trackers, publish.EarlyUploads(run, lease) as early_uploads:
         run_store = FencedStore(run.run_store, lease)  # every write into the run: lease confirmed, create-only
 

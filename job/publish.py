@@ -52,15 +52,24 @@ class EarlyUploads:
     every write into the run (:class:`job.lifecycle.FencedStore`). Nothing is published by it: the manifest,
     written last by :func:`publish`, is. Leaving the context waits for the upload in progress and, after an
     error, drops those not started, so no thread writes into the run after the job stops.
+
+    Only a store across the network (``s3://``) takes files early: there the upload waits on the network while
+    the GPU merges. A local store's upload is a copy onto the disks the export is writing to; measured on an
+    H200 (docs/benchmarks.md, run 8), the early copy of 16 GB only competed with the merge and its check, so
+    :meth:`submit` leaves a local store's files to :func:`publish`.
     """
 
     def __init__(self, run: Run, lease: Lease) -> None:
+        self._early = run.run_store.uri.startswith("s3://")
         self._store = FencedStore(run.run_store, lease)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-upload")
         self._queued: dict[str, Future[ObjectInfo]] = {}
 
     def submit(self, artifact: str, folder: Path, path: Path) -> None:
-        """Queue ``path`` (a complete file under ``folder``, not written to again) as part of ``artifact``."""
+        """Queue ``path`` (a complete file under ``folder``, not written to again) as part of ``artifact``;
+        nothing for a local store."""
+        if not self._early:
+            return
         key = f"{artifact}/{path.relative_to(folder).as_posix()}"
         self._queued[key] = self._pool.submit(self._store.put_file, key, path)
 

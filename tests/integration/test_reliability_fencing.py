@@ -186,3 +186,16 @@ def test_early_uploads_are_fenced_listed_by_publish_and_stop_with_the_job(lease:
             early.submit("gguf", late, late / "model.safetensors")
             early.uploaded()
     assert not rs.exists("gguf/model.safetensors")
+
+
+def test_a_local_store_takes_nothing_early(tmp_path: Path):
+    """A local store's upload is a copy onto the disks the export writes to: its files wait for publish."""
+    store = open_store(str(tmp_path / "store"))
+    run = Run(cfg=JobConfig(), run_id="run-l", store=store, run_store=store.child("runs/run-l"),
+              work_dir=tmp_path / "work")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "model.safetensors").write_bytes(b"shard")
+    with Lease(run, ttl=60) as lease, EarlyUploads(run, lease) as early:
+        early.submit("merged", tmp_path / "merged", tmp_path / "merged" / "model.safetensors")
+        assert early.uploaded() == {}
+    assert not run.run_store.exists("merged/model.safetensors")
