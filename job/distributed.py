@@ -49,6 +49,7 @@ log = get_logger(__name__)
 
 #: Stop codes the ranks agree on at a step boundary; the highest wins (a lost lease forbids the checkpoint).
 GO, SIGTERM, LEASE_LOST = 0, 1, 2
+_cpu_locations_loadable = False  # _load_cpu_indexed_locations ran in this process
 AUTO_MICRO_BATCH = 2  # what ``train.batch_size: auto`` starts from before a backend sizes it (the recipe's)
 
 
@@ -166,6 +167,8 @@ class Ranks:
         if not dist.is_initialized():
             if torch.cuda.is_available():
                 torch.cuda.set_device(self.local_rank)
+            else:
+                _load_cpu_indexed_locations()
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
                                     world_size=self.world_size, rank=self.rank)
         self.joined = True
@@ -256,6 +259,25 @@ class Ranks:
         from job.lifecycle import Lease
 
         return Lease(run) if self.writer else ReadOnlyLease(self.rank)
+
+
+def _cpu_location(storage: Any, location: str) -> Any:
+    return storage if location.startswith("cpu:") and location[4:].isdigit() else None
+
+
+def _load_cpu_indexed_locations() -> None:
+    """Let ``torch.load(..., map_location="cpu:0")`` load onto the CPU.
+
+    Under torchrun on CPU, transformers' device is ``cpu:0`` and a resumed trainer loads the optimizer state
+    with ``map_location`` set to it, which torch's own CPU loader refuses ("don't know how to restore data
+    location"). This registers a loader for ``cpu:<index>`` (the CPU has one memory) once per process.
+    """
+    global _cpu_locations_loadable
+    if not _cpu_locations_loadable:
+        import torch.serialization
+
+        torch.serialization.register_package(11, lambda _obj: None, _cpu_location)  # just after the CPU loader
+        _cpu_locations_loadable = True
 
 
 class ReadOnlyLease:

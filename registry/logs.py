@@ -196,7 +196,8 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
+        # One write per line (PrintLogger writes the newline apart): lines of ranks sharing a pipe never merge.
+        logger_factory=structlog.WriteLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the stdlib: their warnings become events of the same kind (JSON off a terminal,
