@@ -26,6 +26,12 @@ and exit 143; a lost lease on rank 0 makes every rank exit 75 without saving. A 
 rank 0 is agreed too (:meth:`Ranks.writer_does`): every rank exits with rank 0's code. A crash inside a
 training step (forward or backward) on one rank cannot reach a boundary: that rank exits 1, the collective
 the others wait in fails when its connection closes, and torchrun stops the rest.
+
+Resuming. Every rank restores the latest checkpoint into a work dir of its own, and the trainer skips the
+batches already trained on each rank (``global_step x`` its per-rank accumulation), so a run continues at the
+same step and the same rows on any number of ranks that splits its rows per step; on one that does not,
+:func:`check_config` refuses it at start like a fresh run. Only rank 0's RNG state is in a checkpoint (the
+other ranks start theirs from the seed; medft's LoRA dropout defaults to 0).
 """
 
 from __future__ import annotations
@@ -85,8 +91,8 @@ def split_rows(rows_per_step: int, micro_batch: int, world_size: int, *, micro_f
 
 def check_config(cfg: JobConfig, world_size: int) -> None:
     """Refuse (ConfigError, exit 2) a config whose rows per optimizer step do not split over ``world_size``
-    ranks; nothing else. Runs at start, before anything is pulled, with the micro-batch the config sets (2
-    for ``auto``, the smallest a backend starts from)."""
+    ranks; nothing else. Runs at start, before anything is pulled, with the micro-batch the config sets (for
+    ``auto`` the recipe's 2: a backend keeps its rows per step, ``2 x train.grad_accum``)."""
     if world_size <= 1:
         return
     t = cfg.train
@@ -197,15 +203,22 @@ class Ranks:
 
             dist.barrier()
 
-    def _max(self, value: int) -> int:
+    def _reduce(self, value: int, op: str) -> int:
         if not self._live:
             return value
         import torch
         import torch.distributed as dist
 
         flag = torch.tensor([value], dtype=torch.int64, device=self._device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=getattr(dist.ReduceOp, op))
         return int(flag.item())
+
+    def _max(self, value: int) -> int:
+        return self._reduce(value, "MAX")
+
+    def total(self, value: int) -> int:
+        """``value`` summed over every rank (each rank must call it); ``value`` with one process."""
+        return self._reduce(value, "SUM")
 
     @contextmanager
     def writer_first(self) -> Iterator[None]:

@@ -81,9 +81,9 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             stop.check(where)
             lease.check(where)
 
-        if run.published() and not ranks.writer:
-            return
         if run.published():
+            if not ranks.writer:
+                return  # rank 0 registers it
             version = publish.register(run, lease)
             click.echo(f"run {run.run_id} was already published at {run.uri}; registered as "
                        f"{version.name}:{version.version}. Nothing new to do.")

@@ -34,7 +34,7 @@ KEEP_LOCAL = 2  # trainer checkpoints kept on local disk; the store keeps its ow
 class TrainResult:
     steps: int
     train_loss: float | None
-    trained_tokens: int  # non-padding tokens fed to the model in this process
+    trained_tokens: int  # non-padding tokens fed to the model in this life of the run, on every rank
     tokens_per_s: float
     seconds_per_step: float
     peak_gpu_mem_gib: float | None
@@ -217,6 +217,7 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     start = time.perf_counter()
     with preemption, disk_full_is_transient(work_dir, "saving a checkpoint"):
         output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    collator.tokens = ranks.total(collator.tokens)  # every rank's tokens: the job's throughput
     result = _result(trainer, output, collator, time.perf_counter() - start, resumed_from)
     log.info("train.done", steps=result.steps, loss=result.train_loss, tokens_per_s=round(result.tokens_per_s, 1))
     preemption.check(f"at step {result.steps} (checkpoint saved)")
