@@ -8,13 +8,16 @@ ranks on two cores from fighting over threads (and the one-rank runs compared wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from job.checkpoints import Checkpointer
+from registry.runs import read_manifest
 from registry.store import open_store
 from tests.faults import Job, assert_published_whole, registry_versions
 from tests.integration.conftest import ROOT, job_args, medft_cmd, run_medft
@@ -67,8 +70,6 @@ def _losses(metrics: dict) -> dict[int, float]:
 
 
 def _events(stderr: str, event: str) -> list[dict]:
-    import json
-
     return [doc for line in stderr.splitlines() if line.startswith("{") and f'"{event}"' in line
             for doc in [json.loads(line)] if doc.get("event") == event]
 
@@ -78,11 +79,12 @@ def test_two_ranks_train_one_ranks_steps_and_publish_one_run_and_version(tiny_mo
     one_store, two_store = str(tmp_path / "one"), str(tmp_path / "two")
     one = run_medft(*_args(tiny_model_dir, one_store, "run-one"), env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_medft(*_args(tiny_model_dir, two_store, "run-two"), "--nproc-per-node", "2", env=env)
+    two = run_medft(*_args(tiny_model_dir, two_store, "run-two", STEPS, "--set", "train.report_to=tensorboard"),
+                    "--nproc-per-node", "2", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
 
     m1 = assert_published_whole(one_store, "run-one", tmp_path / "p1")["metrics"]
-    m2 = assert_published_whole(two_store, "run-two", tmp_path / "p2")["metrics"]
+    m2 = read_manifest(open_store(two_store), "run-two")["metrics"]  # the tracker's files sit beside the manifest
     assert m1["steps"] == m2["steps"] == STEPS
     # Tokens are counted over both ranks (one rank's count would be about half); each rank's data loader reads
     # one batch ahead, so the counts differ by a row or two.
@@ -106,6 +108,7 @@ def test_two_ranks_train_one_ranks_steps_and_publish_one_run_and_version(tiny_mo
     assert [e["rank"] for e in _events(two.stderr, "run.done")] == [0]
     assert all("rank" in e for e in _events(two.stderr, "stage.start"))  # every line names its rank
     assert two.stdout.count("Published run run-two") == 1
+    assert [e["rank"] for e in _events(two.stderr, "tracker.started")] == [0]  # trackers log on rank 0 only
 
 
 def test_sigterm_on_one_rank_stops_both_after_a_checkpoint_and_the_run_resumes_on_one_rank_then_two(
@@ -168,3 +171,20 @@ def test_ranks_that_do_not_split_the_rows_are_refused_before_any_starts(tiny_mod
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("medft: error:")]
     assert "train.batch_size" in line and "train.grad_accum" in line and "over 3 ranks" in line
     assert not (tmp_path / "store").exists()  # refused before any process started or anything was written
+
+
+def test_a_lease_lost_on_rank_0_stops_both_ranks_with_75_and_nothing_saved_after_it(tiny_model_dir, job_env,
+                                                                                     tmp_path):
+    env = {**_env(job_env), "MEDFT_LEASE_SECONDS": "2"}  # renewed every 0.5 s
+    store, run_id = str(tmp_path / "store"), "run-ddp-stolen"
+    run = open_store(store).child(f"runs/{run_id}")
+    thief = json.dumps({"owner": "thief-pod:1:cafe", "expires": time.time() + 600}).encode()
+    job = Job(medft_cmd(*_args(tiny_model_dir, store, run_id, 16), "--nproc-per-node", "2"), cwd=ROOT, env=env)
+    job.wait_for("stage.start", stage="load", rank=0)
+    run.put_bytes("LEASE.json", thief)  # another owner takes the run before the first training step
+    assert job.wait() == 75, job.stderr[-3000:]
+    failed = {e["rank"]: e for e in job.events if e.get("event") == "failed"}
+    assert sorted(failed) == [0, 1] and {e["exit_code"] for e in failed.values()} == {75}, job.stderr[-3000:]
+    assert "thief-pod:1:cafe" in failed[0]["error"] and "rank 0 lost the run's lease" in failed[1]["error"]
+    assert not [e for e in job.events if e.get("event") == "checkpoint.uploaded"]
+    assert run.get_bytes("LEASE.json")[0] == thief and not run.exists("MANIFEST.json")
