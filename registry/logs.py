@@ -179,8 +179,9 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    progress.configure(on_terminal=not json_logs and sys.stderr.isatty())
     rank = _rank_processor()
+    # Under torchrun every rank shares the terminal: bars from rank 0 only (the others' lines still show).
+    progress.configure(on_terminal=not json_logs and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
     renderer: Any = (structlog.processors.JSONRenderer() if json_logs
                      else _ReadableRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
