@@ -56,10 +56,23 @@ def cli(verbose: bool) -> None:
 @VERBOSE_OPTION
 @click.option("--dry-run", is_flag=True,
               help="Resolve and validate everything, print the config and the plan; touch no GPU or store.")
-def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+@click.option("--nproc-per-node", "nproc", default="1", show_default=True, metavar="auto|N",
+              help="Train one LoRA on N processes of this machine (data-parallel, under torch.distributed.run); "
+                   "auto: one per visible CUDA GPU. Rows per optimizer step stay train.batch_size x "
+                   "train.grad_accum, so train.grad_accum must divide by N.")
+def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool, nproc: str) -> None:
     """Pull data and weights, fine-tune, evaluate, merge, publish and register one run."""
-    from job import pipeline
+    from job import distributed, pipeline
 
+    n = distributed.resolve_nproc(nproc)
+    if n > 1 and not distributed.under_torchrun():
+        from job.config import load_config
+
+        distributed.check_config(load_config(config_path, overrides), n)  # exit 2 before any process starts
+        if not dry_run:
+            argv = ["train", *(["--config", config_path] if config_path else []),
+                    *[arg for o in overrides for arg in ("--set", o)], *(["--verbose"] if logs.verbose() else [])]
+            sys.exit(distributed.relaunch(n, argv))
     pipeline.run(config_path, overrides, dry_run=dry_run)
 
 

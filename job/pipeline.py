@@ -10,13 +10,13 @@ from functools import partial
 
 import click
 
-from job import data, evaluate, export, gguf_export, loss_curve, model, model_card, preflight, publish, train
+from job import data, distributed, evaluate, export, gguf_export, loss_curve, model, model_card, preflight, publish, train
 from job.backends import select_backend, unsloth_available
 from job.checkpoints import Checkpointer
 from job.config import JobConfig, load_config
 from job.evals.in_job import RUN_FOLDER as ANSWERS_FOLDER
 from job.evals.in_job import load_job_benchmarks, score_job_benchmarks
-from job.lifecycle import FencedStore, Lease, Preemption, disk_full_is_transient
+from job.lifecycle import FencedStore, Preemption, disk_full_is_transient
 from job.resolve import check_local_inputs, open_run, record_config
 from job.tokenizer import guard_texts, save_tokenizer
 from job.trackers import Trackers
@@ -55,6 +55,8 @@ def _config_summary(cfg: JobConfig) -> dict[str, object]:
 
 def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = False) -> None:
     cfg = load_config(config_path, overrides)
+    ranks = distributed.Ranks.from_env()  # under torchrun: rank 0 alone writes (job/distributed.py)
+    distributed.check_config(cfg, ranks.world_size)  # rows per step that do not split over the ranks: exit 2
     log.info("config.resolved", **_config_summary(cfg),
              config=JsonOnly(cfg.to_dict(), "(all keys: --dry-run)"))
     run = open_run(cfg)
@@ -74,21 +76,25 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
     targets_checked = preflight.check(cfg)
     stage, stop = StageClock(), Preemption()
     # EarlyUploads: merged shards go up to S3 as the export writes them; leaving waits for (or drops) what is left.
-    with stop, Lease(run) as lease, trackers, publish.EarlyUploads(run, lease) as early_uploads:
+    with stop, ranks.group(), ranks.lease(run) as lease, trackers, publish.EarlyUploads(run, lease) as early_uploads:
         run_store = FencedStore(run.run_store, lease)  # every write into the run: lease confirmed, create-only
 
         def boundary(where: str) -> None:
+            ranks.agree_stop(stop, lease, where)  # under torchrun: a SIGTERM on any rank stops every rank here
             stop.check(where)
             lease.check(where)
 
         if run.published():
+            if not ranks.writer:
+                return  # rank 0 registers it
             version = publish.register(run, lease)
             click.echo(f"run {run.run_id} was already published at {run.uri}; registered as "
                        f"{version.name}:{version.version}. Nothing new to do.")
             return
-        record_config(run, run_store)
-        trackers.start(run_store)  # continues the tracker runs of an earlier life of this run
-        with stage("pull"):
+        if ranks.writer:
+            record_config(run, run_store)
+            trackers.start(run_store)  # continues the tracker runs of an earlier life of this run
+        with stage("pull"), ranks.writer_first():  # the other ranks find rank 0's downloads in the cache
             rows, identity, data_report = data.load_rows(cfg)  # bad data fails here, before any weights move
             model.check_base_tokenizer(cfg, rows)  # so does a tokenizer that loses text: its files alone are fetched
             benchmark_suite = load_job_benchmarks(cfg)  # so do the benchmarks' questions (eval.benchmarks)
@@ -101,20 +107,25 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
                 gguf_export.check_model(merge_weights.path)  # architecture and tokenizer llama.cpp can take
         boundary("after pulling")
         with stage("load"):
-            plan = backend.plan(cfg)
+            plan = distributed.plan_for_ranks(backend.plan(cfg), cfg, ranks.world_size)
             log.info("backend.plan", backend=backend.name, **plan.__dict__)
             peft_model, tokenizer = backend.load(weights.path, cfg, plan)
             prepared = data.prepare(rows, tokenizer, cfg, report=data_report)
         answers_dir = run.work_dir / "benchmark-answers"  # published as benchmarks/ (job.evals.in_job)
         shutil.rmtree(answers_dir, ignore_errors=True)
         with stage("eval_before"):
-            before = evaluate.evaluate(peft_model, tokenizer, prepared.eval, cfg, "before")
-            benchmarks_before = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "before",
-                                                     answers_dir)
+            if ranks.writer:  # the other ranks only train
+                before = evaluate.evaluate(peft_model, tokenizer, prepared.eval, cfg, "before")
+                benchmarks_before = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "before",
+                                                         answers_dir)
         with stage("train"):
             result = train.fit(cfg, backend, plan, peft_model, tokenizer, prepared, work_dir=run.work_dir / "trainer",
                                checkpointer=Checkpointer(run_store), preemption=stop, lease=lease,
-                               report_to=trackers.report_to)
+                               report_to=trackers.report_to, ranks=ranks)
+        ranks.leave()  # rank 0 goes on alone from here
+        if not ranks.writer:
+            log.info("run.rank_done", run_id=run.run_id, steps=result.steps)
+            return
         with stage("eval_after"):
             after = evaluate.evaluate(backend.for_inference(peft_model), tokenizer, prepared.eval, cfg, "after")
             benchmarks_after = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "after", answers_dir)

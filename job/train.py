@@ -19,6 +19,7 @@ from job.backends import TrainingBackend, TrainPlan
 from job.checkpoints import Checkpointer
 from job.config import JobConfig
 from job.data import PreparedData
+from job.distributed import Ranks
 from job.lifecycle import Lease, Preemption, disk_full_is_transient
 from registry import progress
 from registry.errors import DataError
@@ -33,7 +34,7 @@ KEEP_LOCAL = 2  # trainer checkpoints kept on local disk; the store keeps its ow
 class TrainResult:
     steps: int
     train_loss: float | None
-    trained_tokens: int  # non-padding tokens fed to the model in this process
+    trained_tokens: int  # non-padding tokens fed to the model in this life of the run, on every rank
     tokens_per_s: float
     seconds_per_step: float
     peak_gpu_mem_gib: float | None
@@ -74,8 +75,10 @@ class TrainCollator:
 
 
 def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None, lease: Lease | None = None,
-               collator: TrainCollator | None = None) -> list[Any]:
+               collator: TrainCollator | None = None, ranks: Ranks | None = None) -> list[Any]:
     from transformers import TrainerCallback
+
+    ranks = ranks or Ranks()
 
     class _ProgressBar(TrainerCallback):
         """Step, loss, tokens/s and ETA as a bar (:mod:`registry.progress`: on a terminal only). A resumed run's
@@ -113,8 +116,9 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None, lease:
 
     class _Checkpointing(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            if lease is not None:  # another job owns the run now: stop here, without saving anything
-                lease.check(f"at step {state.global_step}")
+            # Every rank's SIGTERM flag and rank 0's lease, agreed by all ranks: a lost lease stops here without
+            # saving anything (another job owns the run now); a SIGTERM anywhere saves, then stops everywhere.
+            ranks.agree_stop(preemption, lease, f"at step {state.global_step}")
             if preemption.requested or state.global_step >= state.max_steps:
                 control.should_save = True  # the last step is saved so a later crash never retrains
             if preemption.requested:
@@ -124,9 +128,10 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None, lease:
             return control
 
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-            if checkpointer is not None:
+            if checkpointer is not None:  # rank 0 uploads while the other ranks wait for it
                 local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                checkpointer.upload(local, state.global_step)
+                ranks.writer_does(lambda: checkpointer.upload(local, state.global_step),
+                                  f"uploading the checkpoint of step {state.global_step}")
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
@@ -169,8 +174,12 @@ def _already_finished(model: Any, resume_dir: Path, step: int) -> TrainResult | 
 def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, tokenizer: Any,
         data: PreparedData, *, work_dir: Path, checkpointer: Checkpointer | None = None,
         preemption: Preemption | None = None, lease: Lease | None = None,
-        report_to: list[str] | None = None) -> TrainResult:
+        report_to: list[str] | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train ``model`` (a PeftModel) in place on ``data.train``.
+
+    ``ranks`` (under torchrun, :mod:`job.distributed`): every rank calls this with the same data and ``plan``
+    (already per rank: :func:`job.distributed.plan_for_ranks`); each restores the checkpoint into a work dir
+    of its own, rank 0 alone uploads checkpoints, and stops are agreed at every step boundary.
 
     ``report_to``: the trackers whose transformers integrations log the curves (their runs are already open,
     :class:`job.trackers.Trackers`).
@@ -182,6 +191,9 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     import datasets
 
     preemption = preemption or Preemption()
+    ranks = ranks or Ranks()
+    if ranks.rank:  # the trainer saves each rank's RNG state in its own output dir; rank 0's is the one uploaded
+        work_dir = work_dir.with_name(f"{work_dir.name}-rank{ranks.rank}")
     work_dir.mkdir(parents=True, exist_ok=True)
     resume_dir, resumed_from = None, None
     if checkpointer is not None and (ref := checkpointer.latest()) is not None:
@@ -190,12 +202,12 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
         if (finished := _already_finished(model, resume_dir, ref.step)) is not None:
             log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
             return finished
-    args = _sft_config(cfg, backend, plan, work_dir, report_to or [])
+    args = _sft_config(cfg, backend, plan, work_dir, report_to or [], distributed=ranks.distributed)
     collator = TrainCollator(tokenizer.pad_token_id, padding_free=plan.packing)
     trainer = backend.trainer_class()(
         model=model, args=args, processing_class=tokenizer, data_collator=collator,
         train_dataset=datasets.Dataset.from_list(to_trainer_rows(data.train)),
-        callbacks=_callbacks(preemption, checkpointer, lease, collator))
+        callbacks=_callbacks(preemption, checkpointer, lease, collator, ranks))
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; train.progress logs instead
@@ -205,6 +217,7 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     start = time.perf_counter()
     with preemption, disk_full_is_transient(work_dir, "saving a checkpoint"):
         output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    collator.tokens = ranks.total(collator.tokens)  # every rank's tokens: the job's throughput
     result = _result(trainer, output, collator, time.perf_counter() - start, resumed_from)
     log.info("train.done", steps=result.steps, loss=result.train_loss, tokens_per_s=round(result.tokens_per_s, 1))
     preemption.check(f"at step {result.steps} (checkpoint saved)")
@@ -212,10 +225,16 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
 
 
 def _sft_config(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, work_dir: Path,
-                report_to: list[str] | None = None) -> Any:
-    """TRL's ``SFTConfig`` for this run: the config's schedule, the plan's batch shape, the backend's extras."""
+                report_to: list[str] | None = None, *, distributed: bool = False) -> Any:
+    """TRL's ``SFTConfig`` for this run: the config's schedule, the plan's batch shape, the backend's extras.
+
+    ``distributed`` (torchrun): ``plan`` is one rank's share; transformers wraps the model in DDP, and every LoRA
+    weight takes part in every step, so DDP need not search for unused parameters (which also breaks
+    activation checkpointing).
+    """
     from trl import SFTConfig
 
+    ddp = {"ddp_find_unused_parameters": False} if distributed else {}
     return SFTConfig(
         output_dir=str(work_dir),
         per_device_train_batch_size=plan.batch_size,
@@ -242,6 +261,7 @@ def _sft_config(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, work_
         padding_free=plan.packing,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        **ddp,
         **backend.sft_args(cfg, plan),
     )
 

@@ -52,6 +52,21 @@ def _json_only_for(json_logs: bool) -> Any:
     return processor
 
 
+def _rank_processor() -> list[Any]:
+    """Under torchrun with more than one process (``WORLD_SIZE`` > 1): a processor adding ``rank`` (torchrun's
+    ``RANK``) to every event, so the merged logs of all ranks tell whose line each is; otherwise none."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return []  # job.distributed refuses malformed values with one line
+
+    def add_rank(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("rank", rank)
+        return event
+
+    return [add_rank] if world > 1 else []
+
+
 class _CurrentStderr(progress.LineWriter):
     """Writes to whatever ``sys.stderr`` is at each call: callers that swap it (test runners capturing
     output, tools embedding the CLI) must not leave the logger holding a closed stream. While progress bars
@@ -125,6 +140,11 @@ def readable() -> bool:
     return _readable
 
 
+def verbose() -> bool:
+    """Whether ``--verbose`` was given (:func:`set_verbose`)."""
+    return _verbose
+
+
 def set_verbose(verbose: bool) -> None:
     """``medft --verbose``: on readable logs, show library warnings and progress bars too (default: only their
     errors). JSON logs always hold every library warning, so this changes nothing off a terminal."""
@@ -159,7 +179,9 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    progress.configure(on_terminal=not json_logs and sys.stderr.isatty())
+    rank = _rank_processor()
+    # Under torchrun every rank shares the terminal: bars from rank 0 only (the others' lines still show).
+    progress.configure(on_terminal=not json_logs and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
     renderer: Any = (structlog.processors.JSONRenderer() if json_logs
                      else _ReadableRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -167,6 +189,7 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *rank,
             _json_only_for(json_logs),
             *([] if json_logs else [_round_for_people]),
             structlog.processors.format_exc_info,
@@ -174,7 +197,8 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
+        # One write per line (PrintLogger writes the newline apart): lines of ranks sharing a pipe never merge.
+        logger_factory=structlog.WriteLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the stdlib: their warnings become events of the same kind (JSON off a terminal,
@@ -182,7 +206,7 @@ def configure(*, json_logs: bool | None = None, level: str | None = None, verbos
     handler = logging.StreamHandler(_CurrentStderr())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
-                           structlog.processors.TimeStamper(fmt="iso", utc=True),
+                           structlog.processors.TimeStamper(fmt="iso", utc=True), *rank,
                            structlog.processors.format_exc_info,  # a library's traceback is text before redaction
                            _redact_processor],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))

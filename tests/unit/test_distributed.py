@@ -1,0 +1,195 @@
+"""The rows-per-step rule of data-parallel training (job/distributed.py), its refusal, and the one-process path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from job import distributed
+from job.backends import TrainPlan
+from job.config import load_config
+from job.distributed import Ranks, RankStopped, ReadOnlyLease, split_rows
+from job.lifecycle import Preemption
+from registry.errors import ConfigError
+from tests.cli import error_lines, run_main
+
+
+def _cfg(*overrides: str):
+    return load_config(None, list(overrides), env={})
+
+
+def _plan(batch: int, accum: int) -> TrainPlan:
+    return TrainPlan(batch_size=batch, grad_accum=accum, packing=False, gradient_checkpointing=False,
+                     load_in_4bit=False, precision="fp32", optim="adamw_torch", reasons={"optim": "kept"})
+
+
+@pytest.mark.parametrize(("rows", "micro", "world", "fixed", "expected"), [
+    (8, 2, 1, True, (2, 4)),  # one process: the config as it is
+    (8, 2, 2, True, (2, 2)),  # 2 x 4 on 2 ranks: 2 x 2 each
+    (8, 2, 4, True, (2, 1)),
+    (12, 1, 3, True, (1, 4)),
+    (8, 8, 2, False, (4, 1)),  # auto: the micro-batch shrinks to fit 8 / 2 rows a rank
+    (12, 8, 2, False, (6, 1)),
+    (12, 4, 3, False, (4, 1)),
+    (6, 4, 2, False, (3, 1)),
+])
+def test_rows_per_step_stay_the_configs_on_every_number_of_ranks(rows, micro, world, fixed, expected):
+    micro_rank, accum_rank = split_rows(rows, micro, world, micro_fixed=fixed)
+    assert (micro_rank, accum_rank) == expected
+    assert micro_rank * accum_rank * world == rows
+
+
+@pytest.mark.parametrize(("rows", "micro", "world", "fixed"), [
+    (6, 2, 2, True),  # grad_accum 3 on 2 ranks
+    (8, 2, 3, True),
+    (8, 4, 4, True),  # grad_accum 2 on 4 ranks
+    (6, 2, 4, False),  # auto: 6 rows never split over 4 ranks
+])
+def test_rows_that_do_not_split_are_refused_naming_the_keys_and_the_ranks(rows, micro, world, fixed):
+    with pytest.raises(ConfigError) as e:
+        split_rows(rows, micro, world, micro_fixed=fixed)
+    message = e.value.message
+    assert e.value.exit_code == 2 and "\n" not in message
+    assert "train.batch_size" in message and "train.grad_accum" in message
+    assert f"{world} ranks" in message and f"--nproc-per-node {world}" in message and f"{rows} rows" in message
+
+
+def test_the_config_is_checked_at_start_with_its_own_micro_batch():
+    distributed.check_config(_cfg("train.batch_size=2", "train.grad_accum=3"), 1)  # one process: anything goes
+    distributed.check_config(_cfg("train.batch_size=2", "train.grad_accum=4"), 4)
+    with pytest.raises(ConfigError, match=r"train.grad_accum a multiple of 2"):
+        distributed.check_config(_cfg("train.batch_size=2", "train.grad_accum=3"), 2)
+    distributed.check_config(_cfg("train.batch_size=auto", "train.grad_accum=3"), 2)  # 6 rows: 3 x 1 a rank
+    with pytest.raises(ConfigError, match=r"4 ranks"):
+        distributed.check_config(_cfg("train.batch_size=auto", "train.grad_accum=3"), 4)
+
+
+def test_the_plan_becomes_each_ranks_share_and_says_why():
+    plan = _plan(2, 4)
+    assert distributed.plan_for_ranks(plan, _cfg("train.batch_size=2", "train.grad_accum=4"), 1) is plan
+    ranked = distributed.plan_for_ranks(plan, _cfg("train.batch_size=2", "train.grad_accum=4"), 2)
+    assert (ranked.batch_size, ranked.grad_accum) == (2, 2)
+    assert "8 rows per optimizer step over 2 ranks" in ranked.reasons["grad_accum"]
+    assert ranked.reasons["optim"] == "kept" and ranked.optim == plan.optim
+    auto = distributed.plan_for_ranks(_plan(8, 1), _cfg("train.batch_size=auto", "train.grad_accum=4"), 2)
+    assert (auto.batch_size, auto.grad_accum) == (4, 1)
+
+
+def test_ranks_come_from_torchruns_environment():
+    assert Ranks.from_env({}) == Ranks(1, 0, 0)
+    ranks = Ranks.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (ranks.world_size, ranks.rank, ranks.local_rank, ranks.distributed, ranks.writer) == (4, 3, 1, True, False)
+    assert Ranks.from_env({"WORLD_SIZE": "2", "RANK": "0"}).writer
+    with pytest.raises(ConfigError, match="RANK=2 and WORLD_SIZE=2"):
+        Ranks.from_env({"WORLD_SIZE": "2", "RANK": "2"})
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two'"):
+        Ranks.from_env({"WORLD_SIZE": "two"})
+    assert distributed.under_torchrun({"WORLD_SIZE": "1"}) and not distributed.under_torchrun({})
+
+
+def test_one_process_collectives_are_local():
+    ranks, stop = Ranks(), Preemption()
+    calls: list[str] = []
+    with ranks.group():
+        ranks.barrier()
+        with ranks.writer_first():
+            calls.append("pulled")
+        ranks.agree_stop(stop, None, "at step 1")
+        assert not stop.requested
+        stop.requested = True
+        ranks.agree_stop(stop, None, "at step 2")
+        assert stop.requested
+        ranks.writer_does(lambda: calls.append("uploaded"), "uploading")
+    assert calls == ["pulled", "uploaded"]
+
+
+def test_a_lost_lease_is_agreed_as_exit_75_before_anything_is_saved():
+    class LostLease:
+        lost = threading.Event()
+
+        def check(self, where: str) -> None:
+            raise RuntimeError(f"rank 0's own LeaseLost {where}")
+
+    LostLease.lost.set()
+    with pytest.raises(RuntimeError, match="rank 0's own LeaseLost at step 3"):
+        Ranks().agree_stop(Preemption(), LostLease(), "at step 3")  # type: ignore[arg-type]
+    follower = Ranks(world_size=2, rank=1)
+    follower._max = lambda flag: max(flag, distributed.LEASE_LOST)  # rank 0's flag, as the all_reduce brings it
+    with pytest.raises(RankStopped) as e:  # a rank without the lease stops with the same code
+        follower.agree_stop(Preemption(), ReadOnlyLease(1), "at step 3")
+    assert e.value.exit_code == 75 and "rank 0 lost the run's lease at step 3" in e.value.message
+
+
+def test_a_sigterm_on_another_rank_stops_this_one_too():
+    follower, stop = Ranks(world_size=2, rank=1), Preemption()
+    follower._max = lambda flag: max(flag, distributed.SIGTERM)
+    follower.agree_stop(stop, ReadOnlyLease(1), "at step 2")
+    assert stop.requested and follower.stopping
+
+
+def test_a_failed_upload_on_rank_0_stops_every_rank_with_its_code():
+    follower = Ranks(world_size=2, rank=1, joined=True)
+    follower._max = lambda code: max(code, 75)
+    ran: list[int] = []
+    with pytest.raises(RankStopped) as e:
+        follower.writer_does(lambda: ran.append(1), "uploading the checkpoint of step 4")
+    assert ran == [] and e.value.exit_code == 75 and "uploading the checkpoint of step 4" in e.value.message
+
+
+def test_a_rank_other_than_0_never_writes_into_the_run():
+    lease = ReadOnlyLease(1)
+    lease.check("at step 1")
+    with pytest.raises(RuntimeError, match="rank 1 tried to write"):
+        lease.confirm("before writing MANIFEST.json")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("3", 3), ("auto", 1)])
+def test_nproc_per_node_is_auto_or_a_whole_number(value, expected, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_nproc(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", ""])
+def test_a_bad_nproc_per_node_is_refused(value):
+    with pytest.raises(ConfigError, match="--nproc-per-node"):
+        distributed.resolve_nproc(value)
+
+
+def test_medft_train_refuses_ranks_that_do_not_split_the_rows_before_starting_any(capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "relaunch", lambda *a: pytest.fail("relaunched a config that cannot split"))
+    code, _, err = run_main(["train", "--nproc-per-node", "2", "--set", "train.batch_size=2",
+                             "--set", "train.grad_accum=3"], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "train.batch_size" in line and "train.grad_accum" in line and "over 2 ranks" in line
+
+
+def test_medft_train_relaunches_itself_with_its_own_arguments(capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    seen: list[tuple[int, list[str]]] = []
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: seen.append((n, argv)) or 143)
+    code, _, _ = run_main(["train", "--nproc-per-node", "2", "--set", "train.grad_accum=4",
+                           "--set", "output.run_id=x"], capsys)
+    assert code == 143  # the ranks' exit code is the command's
+    assert seen == [(2, ["train", "--set", "train.grad_accum=4", "--set", "output.run_id=x"])]
+
+
+def test_log_lines_carry_the_rank_under_torchrun_only():
+    code = "from registry import logs; logs.configure(); logs.get_logger('t').info('hello')"
+
+    def line(env: dict[str, str]) -> dict:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin", **env})
+        return json.loads(proc.stderr.strip().splitlines()[-1])
+
+    assert line({"WORLD_SIZE": "2", "RANK": "1"})["rank"] == 1
+    assert "rank" not in line({}) and "rank" not in line({"WORLD_SIZE": "1", "RANK": "0"})
