@@ -222,12 +222,22 @@ class Ranks:
 
     @contextmanager
     def writer_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (downloads into a shared cache), the others after it finished."""
-        if not self.writer:
-            self.barrier()
-        yield
+        """The block (downloads into the cache) one node's worth at a time: rank 0 first; then the first
+        process of every other node (``LOCAL_RANK`` 0), which fills that node's own cache; then the rest, who
+        find the files already there. No two processes of a node download into its cache at once. Every rank
+        passes the same two barriers."""
         if self.writer:
+            yield
             self.barrier()
+            self.barrier()
+        elif self.local_rank == 0:
+            self.barrier()
+            yield
+            self.barrier()
+        else:
+            self.barrier()
+            self.barrier()
+            yield
 
     def agree_stop(self, preemption: Preemption, lease: Lease | None, where: str) -> None:
         """At a step boundary, every rank's verdict from every rank's flags (one all_reduce, MAX).

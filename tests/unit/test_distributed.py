@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -193,3 +194,34 @@ def test_log_lines_carry_the_rank_under_torchrun_only():
 
     assert line({"WORLD_SIZE": "2", "RANK": "1"})["rank"] == 1
     assert "rank" not in line({}) and "rank" not in line({"WORLD_SIZE": "1", "RANK": "0"})
+
+
+_PULL = """
+import sys, time
+from job.distributed import Ranks
+rank, local_rank, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ranks = Ranks(world_size=3, rank=rank, local_rank=local_rank)
+with ranks.group(), ranks.writer_first():
+    with open(log, "a") as f:
+        f.write(f"enter {rank}\\n")
+    time.sleep(0.5)
+    with open(log, "a") as f:
+        f.write(f"leave {rank}\\n")
+"""
+
+
+def test_downloads_go_one_node_at_a_time_rank_0_then_each_nodes_first_process(tmp_path):
+    """Two nodes (ranks 0 | 1, 2): rank 0 fills the shared cache first, then node 2's first process fills that
+    node's cache, and only then its other process, which finds the files there: no node's cache is written by
+    two processes at once."""
+    from tests.conftest import _free_port
+
+    log = tmp_path / "pulls.log"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PULL, str(rank), str(local), str(log)],
+                              env={**env, "RANK": str(rank)}, stderr=subprocess.PIPE, text=True)
+             for rank, local in ((0, 0), (1, 0), (2, 1))]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert log.read_text().split("\n")[:-1] == ["enter 0", "leave 0", "enter 1", "leave 1", "enter 2", "leave 2"]

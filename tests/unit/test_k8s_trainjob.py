@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable
@@ -232,13 +233,13 @@ def test_runs_on_the_torch_distributed_cluster_runtime():
                                         "name": RUNTIME}
 
 
-def test_nodes_and_gpus_per_node_are_set_once_and_are_one_until_medft_trains_across_ranks():
+def test_nodes_and_gpus_per_node_are_set_once_and_are_one_by_default():
     tj = _trainjob()
     trainer = tj["spec"]["trainer"]
     # numProcPerNode unset: the runtime starts one process per GPU of resourcesPerNode, so the GPU count is the
     # only per-node number to edit.
     assert "numProcPerNode" not in trainer
-    # medft trains on one rank today (docs/kubernetes.md): more nodes or GPUs would only repeat the same run.
+    # The reference recipe on one GPU, as the Job runs it; more split its rows per step (docs/kubernetes.md).
     assert trainer["numNodes"] == 1
     assert str(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == "1"
 
@@ -248,7 +249,9 @@ def test_same_image_resources_command_and_deadline_as_the_job():
     container, trainer = _container(job), tj["spec"]["trainer"]
     assert trainer["image"] == container["image"]
     assert trainer["resourcesPerNode"] == container["resources"]
-    assert "command" not in trainer and trainer["args"] == container["args"]  # the image's ENTRYPOINT: medft
+    # The image's ENTRYPOINT under torchrun, which takes the runtime's PET_* settings and starts a rank per GPU.
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)[1])
+    assert trainer["command"] == ["torchrun", "--no-python", *entrypoint] and trainer["args"] == container["args"]
     assert tj["spec"]["activeDeadlineSeconds"] == job["spec"]["activeDeadlineSeconds"]
 
 
