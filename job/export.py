@@ -66,20 +66,27 @@ def read_adapter(adapter_dir: Path) -> LoraDelta:
     return LoraDelta(scaling=scaling, pairs=pairs)
 
 
-def merge_device(base_dir: Path) -> torch.device:
-    """Where the merge computes: the GPU when one is free enough for the largest tensor in float32 with its
-    temporaries (reading, casting and writing stay on the host either way), else the CPU.
+def _tensors(weights_dir: Path) -> list[tuple[str, str, int]]:
+    """(name, safetensors dtype, number of elements) of every tensor in ``weights_dir``, in the order the merge
+    reads them (:func:`_base_shards`), from the headers alone: no tensor is read."""
+    out = []
+    for shard in _base_shards(weights_dir):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                sliced = f.get_slice(name)
+                out.append((name, sliced.get_dtype(), math.prod(sliced.get_shape())))
+    return out
+
+
+def merge_device(largest: int) -> torch.device:
+    """Where the merge computes: the GPU when one is free enough for the largest tensor (``largest`` elements)
+    in float32 with its temporaries (reading, casting and writing stay on the host either way), else the CPU.
 
     The arithmetic is the same float32 on both (TF32 is turned off for it, see :func:`_merged_tensors`); the GPU
     only removes the host's float32 passes over every weight, most of the export's time on an 8B model.
     """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    largest = 0
-    for shard in _base_shards(base_dir):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                largest = max(largest, math.prod(f.get_slice(name).get_shape()))
     torch.cuda.empty_cache()  # what the trained model left in PyTorch's cache is free for this
     free, _total = torch.cuda.mem_get_info()
     return torch.device("cuda") if free > 4 * 4 * largest + 2 * 1024**3 else torch.device("cpu")
@@ -138,18 +145,11 @@ def _merged_tensors(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, stats
 _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 
 
-def _merged_sizes(base_dir: Path, dtype: torch.dtype) -> list[tuple[str, int]]:
-    """(name, bytes) of every merged tensor in the order :func:`_merged_tensors` yields them, from the base's
-    safetensors headers alone: floating-point tensors in ``dtype``, the others as they are."""
-    sizes = []
-    for shard in _base_shards(base_dir):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                sliced = f.get_slice(name)
-                kind = sliced.get_dtype()
-                item = dtype.itemsize if kind.startswith(("F", "BF")) else _ITEM_BYTES[kind]
-                sizes.append((name, item * math.prod(sliced.get_shape())))
-    return sizes
+def _merged_sizes(tensors: list[tuple[str, str, int]], dtype: torch.dtype) -> list[tuple[str, int]]:
+    """(name, bytes) of every merged tensor of the base's ``tensors`` (:func:`_tensors`), in the order
+    :func:`_merged_tensors` yields them: floating-point tensors in ``dtype``, the others as they are."""
+    return [(name, numel * (dtype.itemsize if kind.startswith(("F", "BF")) else _ITEM_BYTES[kind]))
+            for name, kind, numel in tensors]
 
 
 def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig,
@@ -160,11 +160,12 @@ def merge(base_dir: Path, adapter_dir: Path, dest: Path, cfg: JobConfig,
     name. Raises ConfigError (float16 overflow), DataError (adapter does not fit the base), TransientError (disk).
     """
     dtype = _TORCH_DTYPES[cfg.export.dtype]
-    device = merge_device(base_dir)
+    tensors = _tensors(base_dir)
+    device = merge_device(max((numel for _, _, numel in tensors), default=0))
     stats: dict[str, Any] = {"device": device.type}
     with progress.current().task("merge", total=len(_base_shards(base_dir)), unit="shard") as task:
         shards = write_sharded(_merged_tensors(base_dir, adapter_dir, dtype, stats, device, task.advance), dest,
-                               sizes=_merged_sizes(base_dir, dtype), shard_size=cfg.export.shard_size,
+                               sizes=_merged_sizes(tensors, dtype), shard_size=cfg.export.shard_size,
                                on_written=on_written)
     config = json.loads((base_dir / "config.json").read_text())
     config["dtype"] = cfg.export.dtype
@@ -189,14 +190,9 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 def _first_layers_bytes(weights_dir: Path, layers: int) -> int:
     """float32 bytes of the tensors a model cut to its first ``layers`` decoder layers loads (every tensor when
     ``layers`` is 0): embeddings, norms and head, and those layers."""
-    total = 0
-    for shard in _base_shards(weights_dir):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                layer = _LAYER.search(name)
-                if not layers or layer is None or int(layer[1]) < layers:
-                    total += 4 * math.prod(f.get_slice(name).get_shape())
-    return total
+    kept = [numel for name, _, numel in _tensors(weights_dir)
+            if not layers or (layer := _LAYER.search(name)) is None or int(layer[1]) < layers]
+    return 4 * sum(kept)
 
 
 def _float32_model(weights_dir: Path, layers: int, device: str) -> Any:
