@@ -4,6 +4,7 @@ masked whatever their case and whether or not the variable is one medft knows.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from registry.errors import ConfigError, MedftError, TransientError
 from registry.redact import redact, redact_text, redact_url, redact_urls, url_origin
 from registry.store import open_store
 from tests.cli import error_lines, run_main
+from tests.conftest import _free_port
 
 SECRET = "s3cr3t-Value-0f-42"
 
@@ -98,13 +100,18 @@ def test_a_library_traceback_loses_url_credentials(monkeypatch, capsys):
     assert SECRET not in err
 
 
-def test_store_errors_quote_the_endpoint_without_its_credentials(monkeypatch, capsys, tmp_path):
-    """An S3 endpoint with credentials in it: malformed (exit 2) or down (exit 75), one line, no secret."""
+def _s3_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str) -> None:
+    """An S3 store at ``endpoint`` (credentials in it), tried once, with test credentials of its own."""
     monkeypatch.setenv("MEDFT_CACHE", str(tmp_path))
     monkeypatch.setenv("MEDFT_S3_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", f"http://AKIA:{SECRET}@127.0.0.1:port/?X-Amz-Signature={SECRET}")
+    monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", endpoint)
+
+
+def test_store_errors_quote_the_endpoint_without_its_credentials(monkeypatch, capsys, tmp_path):
+    """An S3 endpoint with credentials in it: malformed (exit 2) or down (exit 75), one line, no secret."""
+    _s3_endpoint(monkeypatch, tmp_path, f"http://AKIA:{SECRET}@127.0.0.1:port/?X-Amz-Signature={SECRET}")
     code, _, err = run_main(["registry", "list", "--store", "s3://bucket/medft"], capsys)
     assert code == 2 and SECRET not in err and "MEDFT_S3_ENDPOINT_URL" in error_lines(err)[0], err
     with pytest.raises(MedftError) as e:  # the store's own error, raised where it is written
@@ -113,16 +120,7 @@ def test_store_errors_quote_the_endpoint_without_its_credentials(monkeypatch, ca
 
 
 def test_a_store_that_is_down_is_named_without_its_credentials(monkeypatch, capsys, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MEDFT_CACHE", str(tmp_path))
-    monkeypatch.setenv("MEDFT_S3_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("MEDFT_S3_ENDPOINT_URL", f"http://AKIA:{SECRET}@127.0.0.1:{port}")
+    _s3_endpoint(monkeypatch, tmp_path, f"http://AKIA:{SECRET}@127.0.0.1:{_free_port()}")  # nobody listens there
     code, _, err = run_main(["registry", "list", "--store", "s3://bucket/medft"], capsys)
     assert code == 75 and len(error_lines(err)) == 1 and SECRET not in err, err
 
