@@ -56,7 +56,6 @@ log = get_logger(__name__)
 #: Stop codes the ranks agree on at a step boundary; the highest wins (a lost lease forbids the checkpoint).
 GO, SIGTERM, LEASE_LOST = 0, 1, 2
 _cpu_locations_loadable = False  # _load_cpu_indexed_locations ran in this process
-AUTO_MICRO_BATCH = 2  # what ``train.batch_size: auto`` starts from before a backend sizes it (the recipe's)
 
 
 class RankStopped(MedftError):
@@ -95,9 +94,10 @@ def check_config(cfg: JobConfig, world_size: int) -> None:
     ``auto`` the recipe's 2: a backend keeps its rows per step, ``2 x train.grad_accum``)."""
     if world_size <= 1:
         return
-    t = cfg.train
-    micro = t.batch_size if isinstance(t.batch_size, int) else AUTO_MICRO_BATCH
-    split_rows(micro * t.grad_accum, micro, world_size, micro_fixed=t.batch_size != "auto")
+    from job.backends.memory_plan import recipe_setting  # the micro-batch ``auto`` starts from, the plan's own
+
+    micro = recipe_setting(cfg).micro_batch
+    split_rows(micro * cfg.train.grad_accum, micro, world_size, micro_fixed=cfg.train.batch_size != "auto")
 
 
 def plan_for_ranks(plan: TrainPlan, cfg: JobConfig, world_size: int) -> TrainPlan:
