@@ -36,6 +36,9 @@ ARMS = {
     "C-grouped": "medft, defaults but padded steps of similar-length rows (group_by_length sampler)",
     "C-gc": "medft, defaults but train.gradient_checkpointing=unsloth",
     "C-mask": "medft, defaults but padded batches keep their attention mask (put back by the benchmark)",
+    "C-fp8": "medft, 16-bit plan but the base's linear layers in FP8 (Unsloth's load_in_fp8: row-wise FP8 "
+             "weights through torchao, FP8 matmuls in the forward pass)",
+    "C-fp8-eager": "C-fp8 without unsloth's per-block torch.compile (UNSLOTH_BLOCK_COMPILE=0)",
 }
 MEDFT_OVERRIDES = {
     # 'on' is quoted: --set values are YAML, where a bare on is the boolean true.
@@ -51,7 +54,13 @@ MEDFT_OVERRIDES = {
     "C-grouped": [],
     "C-gc": ["train.gradient_checkpointing=unsloth"],
     "C-mask": [],
+    # The plan sized for 16-bit weights; FP8 weights take half of that. Compare with C at the same plan.
+    "C-fp8": ["model.load_in_4bit=false"],
+    "C-fp8-eager": ["model.load_in_4bit=false"],
 }
+#: Environment an arm sets in its own process before loading. The FP8 arm's first step ran over 90 s on an
+#: H100 (2026-12-06, docs/benchmarks.md), so its eager variant tells compiling from FP8 itself.
+ARM_ENV = {"C-fp8-eager": {"UNSLOTH_BLOCK_COMPILE": "0"}}
 #: Every C arm runs the unsloth backend with medft's defaults, then its own overrides.
 MEDFT_DEFAULTS = ["model.backend=unsloth"]
 
@@ -93,6 +102,8 @@ def _arm_medft(spec: dict[str, Any], rows: list[dict[str, list[int]]], meter: Me
     from job.data import DataReport, PreparedData
     from job.train import fit
 
+    if spec["arm"].startswith("C-fp8"):
+        _load_in_fp8()
     started = time.perf_counter()
     model, tokenizer = backend.load(Path(spec["weights"]), cfg, plan)
     load_s = time.perf_counter() - started
@@ -102,7 +113,34 @@ def _arm_medft(spec: dict[str, Any], rows: list[dict[str, list[int]]], meter: Me
                  work_dir=Path(spec["work"]) / "trainer")
     return {"load_s": load_s, "grad_accum": plan.grad_accum, "micro_batch": plan.batch_size,
             "plan": {k: v for k, v in plan.__dict__.items()}, "overrides": overrides,
-            "fit_tokens_per_s": result.tokens_per_s, "fit_wall_s": result.wall_s, **_gpu_memory(torch)}
+            "fit_tokens_per_s": result.tokens_per_s, "fit_wall_s": result.wall_s, "fp8_weights": _fp8_weights(model),
+            **_gpu_memory(torch)}
+
+
+def _load_in_fp8() -> None:
+    """Make unsloth's ``FastLanguageModel.from_pretrained`` load the base in FP8 (``load_in_fp8=True``).
+
+    The lever under test has no medft setting (it ships only if it wins: ``docs/benchmarks.md``), so the arm
+    reroutes the one call medft's backend makes; unsloth quantizes the 16-bit checkpoint with torchao and
+    trains the LoRA over it.
+    """
+    from unsloth import FastLanguageModel
+
+    load = FastLanguageModel.from_pretrained
+
+    def fp8(*args: Any, **kwargs: Any) -> Any:
+        return load(*args, **{**kwargs, "load_in_fp8": True, "load_in_16bit": False, "load_in_4bit": False})
+
+    FastLanguageModel.from_pretrained = staticmethod(fp8)
+
+
+def _fp8_weights(model: Any) -> int:
+    """How many linear weights are FP8 (torchao's Float8Tensor or a float8 dtype): proof the FP8 arm is FP8."""
+    import torch
+
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    weights = [getattr(m, "weight", None) for m in model.modules()]
+    return sum(1 for w in weights if w is not None and (type(w).__name__ == "Float8Tensor" or w.dtype in fp8))
 
 
 def _arm_recipe(spec: dict[str, Any], rows: list[dict[str, list[int]]], meter: Meter) -> dict[str, Any]:
@@ -147,6 +185,7 @@ def run_arm(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.set_per_process_memory_fraction(spec["cap_gib"] * GIB / total)
         if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
             os.environ["MEDFT_GPU_MEMORY_GIB"] = str(spec["cap_gib"])  # this torch cannot report the fraction
+    os.environ.update(ARM_ENV.get(spec["arm"], {}))
     rows = json.loads(Path(spec["rows"]).read_text())
     trace = spec.get("trace_steps", 0)
     meter = Meter(spec["warmup"], attention_mask=spec["arm"] == "C-mask", trace_steps=trace,

@@ -143,7 +143,7 @@ class Meter:
                 "padding_share": 1 - real / fed if fed else None,
                 "max_microbatch_tokens": max(self.fed) if self.fed else 0,
                 "first_loss": self.losses[0] if self.losses else None,
-                "last_loss": self.losses[-1] if self.losses else None}
+                "last_loss": self.losses[-1] if self.losses else None, "losses": self.losses}
 
 
 def timed_trainer(base: type, meter: Meter) -> type:
