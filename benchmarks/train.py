@@ -32,7 +32,9 @@ outside the input embedding (:func:`benchmarks.models.train_flops_per_token`) ov
 ``--cap-gib 8`` repeats the chosen arms under ``torch.cuda.set_per_process_memory_fraction`` (the GPU
 memory of the 16-24 GB cards the tutorials ran on, less what their display and CUDA context take), and
 ``--whole-job`` times the reference recipe's whole job (8B, 500 rows, 60 steps of 2 x 4, evaluation before
-and after, merge, publish to a local store) with ``medft train``, after warming the caches.
+and after, merge, publish to a local store) with ``medft train``, after warming the caches;
+``--whole-job-nproc 1,2`` runs it once per number of ranks (``medft train --nproc-per-node N``, data-parallel:
+:mod:`job.distributed`) on the same machine and compares training speed and the loss of every step.
 
 Results: a JSON file (``--out``), a markdown table on stdout, per-arm logs under ``--work``.
 """
@@ -77,6 +79,7 @@ class Options:
     cap_models: str
     only_cap: bool
     whole_job: str
+    whole_job_nproc: str
     probe: str
     arm_timeout: float
     whole_job_timeout: float
@@ -134,8 +137,11 @@ def parse_job_log(text: str) -> dict[str, Any]:
             out["stage_seconds"][event.get("stage")] = event.get("seconds")
         elif name == "run.done":
             out["stage_seconds"] = event.get("stage_seconds") or out["stage_seconds"]
-        elif name == "train.done":
+        elif name == "train.done" and event.get("rank", 0) == 0:  # rank 0 counts every rank's tokens
             out["train_tokens_per_s"] = event.get("tokens_per_s")
+        elif name == "train.progress" and event.get("rank", 0) == 0:
+            out.setdefault("losses", {})[event["step"]] = event.get("loss")
+            out.setdefault("step_times", {})[event["step"]] = event.get("timestamp")
         elif name == "backend.plan":
             keys = ("batch_size", "grad_accum", "packing", "gradient_checkpointing", "load_in_4bit")
             out["plan"] = {k: event.get(k) for k in keys}
@@ -144,8 +150,44 @@ def parse_job_log(text: str) -> dict[str, Any]:
     return out
 
 
-def _whole_job(key: str, weights: str, work: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """Time ``medft train`` on the recipe's whole job, its weights already pulled once (a warm cache)."""
+def steady_seconds_per_step(step_times: dict[int, str], skip: int = 5) -> float | None:
+    """Seconds per optimizer step from rank 0's ``train.progress`` timestamps, leaving out the first ``skip``
+    steps (compiling); None with fewer than two steps after them."""
+    from datetime import datetime
+
+    times = sorted((step, datetime.fromisoformat(t).timestamp()) for step, t in step_times.items() if step >= skip)
+    if len(times) < 2:
+        return None
+    (first, t0), (last, t1) = times[0], times[-1]
+    return (t1 - t0) / (last - first)
+
+
+def compare_ranks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each whole job on more than one rank against the one-rank job of the same invocation.
+
+    ``speedup`` is the one rank's steady seconds per optimizer step over this job's (the rows of a step are the
+    same on any number of ranks: :mod:`job.distributed`), so it leaves out the compiling first steps, which
+    take as long on every rank count; ``max_loss_diff`` is the largest difference of one step's loss."""
+    one = next((j for j in jobs if j.get("nproc") == 1), None)
+    base = steady_seconds_per_step(one.get("step_times", {})) if one else None
+    if one is None or base is None:
+        return []
+    out = []
+    for job in jobs:
+        if job.get("nproc", 1) == 1:
+            continue
+        mine = steady_seconds_per_step(job.get("step_times", {}))
+        steps = set(one.get("losses", {})) & set(job.get("losses", {}))
+        out.append({"nproc": job["nproc"], "speedup": base / mine if mine else None,
+                    "seconds_per_step": mine, "one_rank_seconds_per_step": base, "steps_compared": len(steps),
+                    "max_loss_diff": max((abs(one["losses"][s] - job["losses"][s]) for s in steps), default=None)})
+    return out
+
+
+def _whole_job(key: str, weights: str, work: Path, env: dict[str, str], timeout: float,
+               nproc: int = 1) -> dict[str, Any]:
+    """Time ``medft train`` on the recipe's whole job, its weights already pulled once (a warm cache), on
+    ``nproc`` ranks (``--nproc-per-node``, only when more than one)."""
     arch = architectures.get(key)
     data = work / "whole-job-rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(arch, 500, seed=7)))
@@ -157,12 +199,13 @@ def _whole_job(key: str, weights: str, work: Path, env: dict[str, str], timeout:
     settings = [f"model.base={weights}", "model.backend=unsloth", "model.tokenizer_check=false",
                 f"data.source={data}", "data.subset=null",
                 "data.split=train", f"output.store={work / 'store'}", "output.model_name=bench",
-                f"output.run_id=bench-{int(time.time())}"]
-    args = [sys.executable, "-m", "job.cli", "train", *[x for s in settings for x in ("--set", s)]]
-    log = work / "logs" / "whole-job.log"
+                f"output.run_id=bench-{nproc}-{int(time.time())}"]
+    args = [sys.executable, "-m", "job.cli", "train", *[x for s in settings for x in ("--set", s)],
+            *(["--nproc-per-node", str(nproc)] if nproc > 1 else [])]
+    log = work / "logs" / f"whole-job-{nproc}.log"
     started = time.perf_counter()
     rc = _subprocess(args, log, timeout, {**env, "MEDFT_LOG_FORMAT": "json"})
-    out = {"exit_code": rc, "wall_s": time.perf_counter() - started, "command": " ".join(args[1:]),
+    out = {"nproc": nproc, "exit_code": rc, "wall_s": time.perf_counter() - started, "command": " ".join(args[1:]),
            **parse_job_log(log.read_text(errors="replace"))}
     if rc != 0:
         out["log"] = _tail(log, 40)
@@ -288,9 +331,15 @@ def benchmark(a: Options, command: str) -> None:
         _benchmark_model(key, plan, a, work, env, report)
     if a.whole_job:
         weights = report.data["prepared"][a.whole_job]["weights"]
-        report.data["whole_job"] = _whole_job(a.whole_job, weights, work, env, timeout=a.whole_job_timeout)
-        report.save()
-        print("[bench] whole job:", json.dumps(report.data["whole_job"], default=str)[:3000], flush=True)
+        jobs = report.data["whole_job"] = []
+        for nproc in [int(n) for n in a.whole_job_nproc.split(",") if n]:
+            jobs.append(_whole_job(a.whole_job, weights, work, env, timeout=a.whole_job_timeout, nproc=nproc))
+            report.save()
+            print(f"[bench] whole job, {nproc} rank(s):", json.dumps(jobs[-1], default=str)[:3000], flush=True)
+        if len(jobs) > 1:
+            report.data["whole_job_ranks"] = compare_ranks(jobs)
+            report.save()
+            print("[bench] ranks against one:", json.dumps(report.data["whole_job_ranks"]), flush=True)
     if report.data["results"]:
         print("\n" + table(report.data["results"]))
     report.save()
@@ -318,6 +367,7 @@ def benchmark(a: Options, command: str) -> None:
 @click.option("--probe", default="", help="memory probe: architecture keys, e.g. llama8b,qwen1.5b")
 @click.option("--arm-timeout", type=float, default=300)
 @click.option("--whole-job-timeout", type=float, default=900)
+@click.option("--whole-job-nproc", default="1", help="ranks to run the whole job on, each in turn, e.g. 1,2")
 @click.option("--work", default=lambda: os.environ.get("MEDFT_BENCH_WORK", "/tmp/medft-bench"),
               show_default="$MEDFT_BENCH_WORK or /tmp/medft-bench")
 @click.option("--out", default="bench-results.json")

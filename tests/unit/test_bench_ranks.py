@@ -1,0 +1,48 @@
+"""The whole-job benchmark on several ranks: rank 0's log read back, and the speed compared over steady steps."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from benchmarks.train import compare_ranks, parse_job_log
+
+START = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+
+
+def _job_log(ranks: int, step_seconds: float, compile_seconds: float, losses: list[float]) -> str:
+    """A ``medft train`` JSON log as its ranks write it: every rank logs every step; rank 0 counts the tokens."""
+    lines = ["Unsloth: a line that is not JSON"]
+    for step, loss in enumerate(losses, start=1):
+        at = START + timedelta(seconds=compile_seconds * min(step, 2) + step_seconds * max(step - 2, 0))
+        for rank in range(ranks):
+            # Other ranks' losses differ (each sees its share of the rows); only rank 0's is the step's.
+            lines.append(json.dumps({"step": step, "max_steps": len(losses), "loss": loss + rank, "lr": 2e-4,
+                                     "event": "train.progress", "level": "info", "rank": rank,
+                                     "timestamp": at.isoformat().replace("+00:00", "Z")}))
+    for rank in range(ranks):
+        lines.append(json.dumps({"steps": len(losses), "tokens_per_s": 1000.0 * (rank + 1),
+                                 "event": "train.done", "rank": rank}))
+    return "\n".join(lines)
+
+
+def test_rank_0_alone_speaks_for_the_job():
+    parsed = parse_job_log(_job_log(2, 0.5, 10.0, [2.0, 1.9, 1.8]))
+    assert parsed["losses"] == {1: 2.0, 2: 1.9, 3: 1.8}
+    assert parsed["train_tokens_per_s"] == 1000.0
+    assert len(parsed["step_times"]) == 3
+
+
+def test_two_ranks_are_compared_over_steady_steps_not_the_compiling_ones():
+    losses = [2.0 - 0.01 * i for i in range(20)]
+    one = {"nproc": 1, **parse_job_log(_job_log(1, 0.50, 15.0, losses))}
+    two = {"nproc": 2, **parse_job_log(_job_log(2, 0.26, 15.0, [x + 0.002 for x in losses]))}
+    (row,) = compare_ranks([one, two])
+    # The compiling steps take 15 s on both; counted in, the ratio would be about 1.2, not 0.50 / 0.26.
+    assert abs(row["speedup"] - 0.50 / 0.26) < 1e-6
+    assert row["steps_compared"] == 20 and abs(row["max_loss_diff"] - 0.002) < 1e-9
+
+
+def test_no_comparison_without_a_one_rank_job_that_trained():
+    two = {"nproc": 2, **parse_job_log(_job_log(2, 0.26, 15.0, [2.0] * 10))}
+    assert compare_ranks([two]) == []
+    failed_one = {"nproc": 1, "exit_code": 1, "stage_seconds": {}}
+    assert compare_ranks([failed_one, two]) == []
