@@ -43,13 +43,14 @@ class Meter:
     """
 
     def __init__(self, warmup: int = 0, attention_mask: bool = False, trace_steps: int = 0,
-                 trace_out: Path | None = None) -> None:
+                 trace_out: Path | None = None, pad_to_multiple_of: int | None = None) -> None:
         self.warmup = warmup
         # torch.profiler over the last ``trace_steps`` warm-up steps (compiled by then, not yet timed), written
         # to ``trace_out`` as a table of the kernels and ops that took the most device time.
         self.trace_steps, self.trace_out = (trace_steps, trace_out) if 0 < trace_steps < warmup else (0, None)
         self._profiler: Any = None
         self.attention_mask = attention_mask  # put back the mask the train stage leaves out of padded batches
+        self.pad_to_multiple_of = pad_to_multiple_of  # set on TRL's collator inside medft's (recurring shapes)
         self.real: list[int] = []     # non-padding tokens per micro-batch
         self.fed: list[int] = []      # tokens the model processed, padding included
         self.step_end: list[float] = []
@@ -60,6 +61,9 @@ class Meter:
         import torch
 
         meter = self
+        trl_collator = getattr(collator, "inner", None)
+        if self.pad_to_multiple_of and trl_collator is not None:
+            trl_collator.pad_to_multiple_of = self.pad_to_multiple_of
 
         class Counting:
             def __init__(self, inner: Any) -> None:
