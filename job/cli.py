@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -237,6 +239,20 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
     raise Preempted("stopped by SIGTERM; what was being written was removed, nothing half-written is kept")
 
 
+@contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    # The process is leaving with its own error and exit code: a SIGTERM now (the handler above would raise
+    # Preempted) would only replace them with a traceback.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, mapping expected failures to one line and an exit code."""
     logs.configure()
@@ -245,9 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="medft", standalone_mode=False)
     except MedftError as e:
-        if not logs.readable():  # JSON logs keep the failure as an event; a person reads the one line below
-            logs.get_logger("medft").error("failed", error=e.message, exit_code=e.exit_code)
-        click.echo(f"medft: error: {logs.redact(e.message)}", err=True)
+        with _sigterm_ignored():  # torchrun stops the other ranks when one fails: not a traceback over this line
+            if not logs.readable():  # JSON logs keep the failure as an event; a person reads the one line below
+                logs.get_logger("medft").error("failed", error=e.message, exit_code=e.exit_code)
+            click.echo(f"medft: error: {logs.redact(e.message)}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("medft: aborted", err=True)

@@ -225,3 +225,27 @@ def test_downloads_go_one_node_at_a_time_rank_0_then_each_nodes_first_process(tm
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert log.read_text().split("\n")[:-1] == ["enter 0", "leave 0", "enter 1", "leave 1", "enter 2", "leave 2"]
+
+
+def test_a_sigterm_while_the_error_line_is_written_does_not_replace_it(capsys, monkeypatch):
+    """torchrun sends SIGTERM to the ranks still running when one has failed: one already leaving with its own
+    error keeps its line and exit code (the SIGTERM handler would raise Preempted into the report)."""
+    import signal
+
+    from job import cli
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    echo = cli.click.echo
+
+    def echo_after_sigterm(message: str, **kwargs: object) -> None:
+        if message.startswith("medft: error:"):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: while the line is written
+        echo(message, **kwargs)
+
+    monkeypatch.setattr(cli.click, "echo", echo_after_sigterm)
+    monkeypatch.setattr(distributed, "relaunch", lambda *a: pytest.fail("relaunched a config that cannot split"))
+    code, _, err = run_main(["train", "--nproc-per-node", "2", "--set", "train.batch_size=2",
+                             "--set", "train.grad_accum=3"], capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "over 2 ranks" in error_lines(err)[0]
+    assert signal.getsignal(signal.SIGTERM) is cli._stop_on_sigterm  # SIGTERM stops the process again after
