@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from job import distributed
+from job import distributed, rank_watch
 from job.backends import TrainPlan
 from job.config import load_config
 from job.distributed import Ranks, RankStopped, ReadOnlyLease, split_rows
@@ -225,6 +225,100 @@ def test_downloads_go_one_node_at_a_time_rank_0_then_each_nodes_first_process(tm
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert log.read_text().split("\n")[:-1] == ["enter 0", "leave 0", "enter 1", "leave 1", "enter 2", "leave 2"]
+
+
+def test_a_crash_is_told_in_one_redacted_line_naming_the_rank_the_step_and_the_error():
+    error = RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA to debug")
+    assert rank_watch.failure_line(1, "in step 5", error) == (
+        "rank 1 failed in step 5: RuntimeError: CUDA error: an illegal memory access")
+    assert rank_watch.failure_line(0, "outside a training step", KeyError()) == (
+        "rank 0 failed outside a training step: KeyError")
+    leaky = ValueError("GET https://user:hunter2@example.com/x?X-Amz-Signature=abc123 failed")
+    line = rank_watch.failure_line(2, "in step 1", leaky)
+    assert "hunter2" not in line and "abc123" not in line and "example.com" in line
+    long = rank_watch.failure_line(0, "in step 1", ValueError("x" * 1000))
+    assert len(long) < 400 and long.endswith("...")
+
+
+def test_the_first_rank_to_fail_is_the_one_announced():
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    assert rank_watch.announce(store, "rank 1 failed in step 5: ValueError: boom") == (
+        "rank 1 failed in step 5: ValueError: boom")
+    # A second failure (the error rank 0 gets from the first) finds the first's line and does not replace it.
+    assert rank_watch.announce(store, "rank 0 failed in step 5: RuntimeError: peer closed") == (
+        "rank 1 failed in step 5: ValueError: boom")
+    assert store.get(rank_watch.KEY) == b"rank 1 failed in step 5: ValueError: boom"
+
+    class Gone:
+        def compare_set(self, *args: object) -> bytes:
+            raise RuntimeError("Connection reset by peer")
+
+    assert rank_watch.announce(Gone(), "rank 1 failed in step 5: ValueError: boom") is None
+
+
+def test_the_watcher_calls_back_once_when_a_failure_is_announced_and_never_after_it_stopped():
+    import torch.distributed as dist
+
+    store, seen, called = dist.HashStore(), [], threading.Event()
+    watcher = rank_watch.Watcher(store, lambda line: (seen.append(line), called.set()), poll=0.05).start()
+    rank_watch.announce(store, "rank 1 failed in step 3: ValueError: boom")
+    assert called.wait(5)
+    watcher.stop()
+    assert seen == ["rank 1 failed in step 3: ValueError: boom"] and watcher.failure == seen[0]
+
+    quiet = dist.HashStore()
+    stopped = rank_watch.Watcher(quiet, lambda line: seen.append(line), poll=0.05).start()
+    stopped.stop()  # the group is left before anything was announced
+    rank_watch.announce(quiet, "rank 0 failed in step 9: ValueError: late")
+    stopped._thread.join(5)
+    assert not stopped._thread.is_alive() and stopped.failure is None and len(seen) == 1
+
+
+def test_the_watcher_ends_by_itself_when_the_store_goes_away():
+    class Gone:
+        def check(self, keys: list[str]) -> bool:
+            raise RuntimeError("Connection refused")
+
+    watcher = rank_watch.Watcher(Gone(), lambda line: pytest.fail("called back without a failure"), poll=0.01)
+    watcher.start()._thread.join(5)
+    assert not watcher._thread.is_alive() and watcher.failure is None
+
+
+def test_the_stores_port_is_found_under_its_prefixes(monkeypatch):
+    import torch.distributed as dist
+
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, 1, True)
+    assert rank_watch.store_port(dist.PrefixStore("default_pg", dist.PrefixStore("attempt", server))) == port
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    assert rank_watch.store_port(dist.HashStore()) == 29511
+    monkeypatch.delenv("MASTER_PORT")
+    assert rank_watch.store_port(dist.HashStore()) is None
+
+
+def test_shutting_the_connections_down_ends_them_for_the_peer_but_keeps_the_descriptors_and_the_store():
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    gloo_peer = socket.create_connection(listener.getsockname())
+    gloo_side, _ = listener.accept()
+    store_peer = socket.create_connection(listener.getsockname())
+    store_side, _ = listener.accept()
+    opened = {fd: link for fd, link in rank_watch.open_sockets().items()
+              if fd in (listener.fileno(), gloo_side.fileno(), store_side.fileno())}
+    assert len(opened) == 3
+    rank_watch._shut_down(opened, keep_port=store_side.getpeername()[1])
+    gloo_peer.settimeout(5)
+    assert gloo_peer.recv(1) == b""  # end of stream: the peer sees the connection closed
+    store_peer.sendall(b"x")
+    assert store_side.recv(1) == b"x"  # the store's connection is untouched
+    assert os.fstat(gloo_side.fileno())  # the descriptor is still its owner's to close
+    for s in (listener, gloo_peer, gloo_side, store_peer, store_side):
+        s.close()
 
 
 def test_a_sigterm_while_the_error_line_is_written_does_not_replace_it(capsys, monkeypatch):
