@@ -23,9 +23,15 @@ model cards, registry version, tracker runs); the other ranks hold a lease that 
 Stopping together. At every step boundary the ranks agree on a stop code (an all_reduce of each rank's
 flag, :meth:`Ranks.agree_stop`): SIGTERM on any rank makes every rank save the checkpoint (rank 0 writes it)
 and exit 143; a lost lease on rank 0 makes every rank exit 75 without saving. A failed checkpoint upload on
-rank 0 is agreed too (:meth:`Ranks.writer_does`): every rank exits with rank 0's code. A crash inside a
-training step (forward or backward) on one rank cannot reach a boundary: that rank exits 1, the collective
-the others wait in fails when its connection closes, and torchrun stops the rest.
+rank 0 is agreed too (:meth:`Ranks.writer_does`): every rank exits with rank 0's code.
+
+A crash (an unexpected exception: a bug) on one rank while the group is up cannot reach a boundary: the
+others would wait in a collective it never joins (on nccl until torchrun kills them, lease still held). So
+that rank writes one line, ``rank R failed in step N: Error: message``, into torchrun's store, then exits 1
+with its traceback; every rank watches the store for that line (:mod:`job.rank_watch`) and, when it comes,
+aborts its process group (nccl: torch's NCCL abort; gloo, which has none: its connections shut down), so the
+collective it waits in raises. It then stops with exit 1 and that line (:class:`RankStopped`, no traceback)
+after its usual cleanup: rank 0 releases the lease, so a rerun resumes from the last checkpoint at once.
 
 Resuming. Every rank restores the latest checkpoint into a work dir of its own, and the trainer skips the
 batches already trained on each rank (``global_step x`` its per-rank accumulation), so a run continues at the
@@ -40,9 +46,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from job import rank_watch
 from registry.errors import ConfigError, ConflictError, MedftError
 from registry.logs import get_logger
 
@@ -132,6 +139,10 @@ class Ranks:
     local_rank: int = 0
     joined: bool = False  # the process group is up (inside :meth:`group`, until :meth:`leave`)
     stopping: bool = False  # the ranks agreed to stop: they leave the group together
+    step: int | None = None  # the optimizer step being trained (set by the trainer's callbacks), for a crash's line
+    checkpoint: int | None = None  # the step of the run's last checkpoint that every rank knows of
+    _watcher: rank_watch.Watcher | None = field(default=None, repr=False, compare=False)
+    _gloo_sockets: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Ranks:
@@ -163,7 +174,14 @@ class Ranks:
     @contextmanager
     def group(self) -> Iterator[Ranks]:
         """The process group for the block (gloo on CPU, nccl on CUDA), destroyed on the way out; nothing with
-        one process."""
+        one process.
+
+        While it is up, a crash on any rank stops every rank (:mod:`job.rank_watch`): an exception other than a
+        MedftError leaving the block on the first rank to fail is announced to the others and re-raised as it
+        is (its traceback, exit 1); on every other rank the error that follows (its collective aborted, or
+        gloo's connection closed) leaves as :class:`RankStopped` (exit 1) naming the failed rank, its step and
+        its error. KeyboardInterrupt and SystemExit pass untouched.
+        """
         if not self.distributed:
             yield self
             return
@@ -175,16 +193,45 @@ class Ranks:
                 torch.cuda.set_device(self.local_rank)
             else:
                 _load_cpu_indexed_locations()
+            before = rank_watch.open_sockets()
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
                                     world_size=self.world_size, rank=self.rank)
+            if dist.get_backend() == "gloo":  # it connects every pair of ranks now; an abort shuts these down
+                self._gloo_sockets = {fd: link for fd, link in rank_watch.open_sockets().items()
+                                      if before.get(fd) != link}
         self.joined = True
         log.info("distributed.joined", world_size=self.world_size, backend=dist.get_backend())
+        store = dist.distributed_c10d._get_default_store()  # torchrun's: every rank reads and writes the same
+        backend, port = str(dist.get_backend()), rank_watch.store_port(store)
+        self._watcher = rank_watch.Watcher(
+            store, lambda _line: rank_watch.abort_group(backend, self._gloo_sockets, port)).start()
         try:
             yield self
+        except Exception as e:
+            if isinstance(e, MedftError) or not self._live:  # agreed stops, or rank 0 alone after training
+                raise
+            stopped = self._crashed(e, store)
+            if stopped is None:
+                raise
+            raise stopped from None
         finally:
             if self.stopping:  # every rank waits for rank 0 (it releases the lease first), then all exit together
                 self.barrier()
             self.leave()
+
+    def _crashed(self, error: Exception, store: Any) -> RankStopped | None:
+        """None when this rank is the first to fail (it has announced ``error``: the caller re-raises it), else
+        the RankStopped this rank leaves with: another rank failed first, and ``error`` follows from it."""
+        if self._watcher is not None:
+            self._watcher.stop()  # this rank's own announcement must not abort its group under it
+        mine = rank_watch.failure_line(self.rank, f"in step {self.step}" if self.step else "outside a training step",
+                                       error)
+        first = (self._watcher.failure if self._watcher is not None else None) or rank_watch.announce(store, mine)
+        if first is None or first == mine:
+            return None
+        resume = f" (step {self.checkpoint})" if self.checkpoint else ""
+        return RankStopped(f"{first}; rank {self.rank} stopped with it. Rerun the same command: the run resumes "
+                           f"from its last checkpoint{resume}", 1)
 
     def leave(self) -> None:
         """Destroy the process group (after training: rank 0 goes on alone); collectives are no-ops after."""
@@ -192,6 +239,8 @@ class Ranks:
             return
         import torch.distributed as dist
 
+        if self._watcher is not None:
+            self._watcher.stop()
         self.joined = False
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -211,7 +260,10 @@ class Ranks:
 
         flag = torch.tensor([value], dtype=torch.int64, device=self._device())
         dist.all_reduce(flag, op=getattr(dist.ReduceOp, op))
-        return int(flag.item())
+        value = int(flag.item())
+        if self._watcher is not None and self._watcher.failure:  # nccl aborted under .item(): the value is void
+            raise RuntimeError("the process group was aborted: another rank failed")  # group() names that rank
+        return value
 
     def _max(self, value: int) -> int:
         return self._reduce(value, "MAX")

@@ -115,6 +115,14 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None, lease:
                 self.task = None
 
     class _Checkpointing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            ranks.step = state.global_step + 1  # named by a crash on this rank (job.rank_watch)
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            ranks.step = None
+            return control
+
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             # Every rank's SIGTERM flag and rank 0's lease, agreed by all ranks: a lost lease stops here without
             # saving anything (another job owns the run now); a SIGTERM anywhere saves, then stops everywhere.
@@ -132,6 +140,7 @@ def _callbacks(preemption: Preemption, checkpointer: Checkpointer | None, lease:
                 local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 ranks.writer_does(lambda: checkpointer.upload(local, state.global_step),
                                   f"uploading the checkpoint of step {state.global_step}")
+                ranks.checkpoint = state.global_step  # agreed: every rank knows it is in the store
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
@@ -198,7 +207,7 @@ def fit(cfg: JobConfig, backend: TrainingBackend, plan: TrainPlan, model: Any, t
     resume_dir, resumed_from = None, None
     if checkpointer is not None and (ref := checkpointer.latest()) is not None:
         resume_dir = checkpointer.restore(ref, work_dir)
-        resumed_from = ref.step
+        resumed_from = ranks.checkpoint = ref.step
         if (finished := _already_finished(model, resume_dir, ref.step)) is not None:
             log.info("train.start", steps=cfg.train.max_steps, resume_from_step=resumed_from, plan=plan.__dict__)
             return finished

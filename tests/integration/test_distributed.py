@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from job.checkpoints import Checkpointer
@@ -188,3 +189,146 @@ def test_a_lease_lost_on_rank_0_stops_both_ranks_with_75_and_nothing_saved_after
     assert "thief-pod:1:cafe" in failed[0]["error"] and "rank 0 lost the run's lease" in failed[1]["error"]
     assert not [e for e in job.events if e.get("event") == "checkpoint.uploaded"]
     assert run.get_bytes("LEASE.json")[0] == thief and not run.exists("MANIFEST.json")
+
+
+# Put first on the ranks' PYTHONPATH: on the rank named by CRASH_RANK, the trainer's training_step raises at the
+# start of step CRASH_STEP (before its forward pass) and writes the time it did into CRASH_STAMP. With
+# CRASH_LINGER_S the crashed rank then holds its process group (so its connections stay open, as a rank that
+# nothing unblocks) and stays alive that long after its traceback, deaf to torchrun's SIGTERM.
+_CRASH_INJECTOR = '''
+import atexit, importlib.abc, importlib.machinery, os, signal, sys, time
+
+_kept = []
+
+
+def _linger(seconds):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+
+
+def _patch(trainer):
+    original, step = trainer.training_step, int(os.environ["CRASH_STEP"])
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            with open(os.environ["CRASH_STAMP"], "w") as f:
+                f.write(repr(time.time()))
+            linger = float(os.environ.get("CRASH_LINGER_S", "0"))
+            if linger:
+                import torch.distributed as dist
+
+                _kept.append(dist.group.WORLD)
+                atexit.register(_linger, linger)
+            raise RuntimeError(f"injected crash on rank {os.environ['RANK']} at step {step}")
+        return original(self, *args, **kwargs)
+
+    trainer.training_step = training_step
+
+
+class _PatchTrainer(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(module.Trainer)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("CRASH_RANK"):
+    sys.meta_path.insert(0, _PatchTrainer())
+'''
+CRASH_STEP = 5  # checkpoints every 2 steps: the last one before the crash is step 4
+
+
+def _crash_env(env: dict[str, str], tmp_path: Path, rank: int, linger: float = 0) -> dict[str, str]:
+    inject = tmp_path / "inject"
+    inject.mkdir(exist_ok=True)
+    (inject / "sitecustomize.py").write_text(_CRASH_INJECTOR)
+    return {**env, "PYTHONPATH": f"{inject}{os.pathsep}{env['PYTHONPATH']}", "CRASH_RANK": str(rank),
+            "CRASH_STEP": str(CRASH_STEP), "CRASH_STAMP": str(tmp_path / "crashed-at"),
+            "CRASH_LINGER_S": str(linger)}
+
+
+def _assert_stopped_for_rank_1(job: Job, run) -> dict:
+    """Rank 0's one ``failed`` event (exit 1, naming rank 1, its step and its error) and no traceback of its own;
+    rank 1's traceback is the injected error; nothing left in the run but checkpoints."""
+    failed = [e for e in job.events if e.get("event") == "failed"]
+    assert [e["rank"] for e in failed] == [0], job.stderr[-4000:]
+    stopped = failed[0]
+    assert stopped["exit_code"] == 1
+    assert stopped["error"].startswith(f"rank 1 failed in step {CRASH_STEP}: RuntimeError: injected crash on rank "
+                                       f"1 at step {CRASH_STEP}; rank 0 stopped with it"), stopped
+    assert f"resumes from its last checkpoint (step {CRASH_STEP - 1})" in stopped["error"]
+    assert job.errors == [f"medft: error: {stopped['error']}"]
+    assert "[rank0]: Traceback" not in job.stderr and "Connection closed by peer" not in job.stderr
+    assert "[rank1]: Traceback (most recent call last)" in job.stderr
+    assert f"[rank1]: RuntimeError: injected crash on rank 1 at step {CRASH_STEP}" in job.stderr
+    assert not run.exists("LEASE.json") and not run.exists("MANIFEST.json")
+    return stopped
+
+
+def test_a_crash_in_a_step_on_one_rank_stops_the_other_in_one_line_and_a_rerun_resumes_at_once(
+        tiny_model_dir, job_env, tmp_path):
+    env = {**_env(job_env), "MEDFT_LEASE_SECONDS": "600"}  # a lease left behind would refuse the rerun for 10 min
+    store, run_id, steps = str(tmp_path / "store"), "run-ddp-crash", 8
+    args = _args(tiny_model_dir, store, run_id, steps)
+    run = open_store(store).child(f"runs/{run_id}")
+    checkpointer = Checkpointer(run)
+
+    job = Job(medft_cmd(*args, "--nproc-per-node", "2"), cwd=ROOT, env=_crash_env(env, tmp_path, rank=1))
+    assert job.wait() == 1, job.stderr[-4000:]  # the first rank to fail: both exit 1
+    _assert_stopped_for_rank_1(job, run)
+    assert checkpointer.latest().step == CRASH_STEP - 1  # the last periodic checkpoint before the crash
+    assert registry_versions(store) == []
+
+    # The same command, on one rank now: it resumes from that checkpoint at once (the lease was released).
+    rerun = run_medft(*args, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [e["resume_from_step"] for e in _events(rerun.stderr, "train.start")] == [CRASH_STEP - 1]
+    metrics = assert_published_whole(store, run_id, tmp_path / "published")["metrics"]
+    assert metrics["resumed_from_step"] == CRASH_STEP - 1
+    assert [h["step"] for h in metrics["loss_history"]] == list(range(1, steps + 1))
+    assert [(v.version, v.run_id) for v in registry_versions(store)] == [(1, run_id)]
+
+
+def _time(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def test_the_other_ranks_stop_at_once_while_the_crashed_rank_still_lives(tiny_model_dir, job_env, tmp_path):
+    """The crashed rank keeps its connections open for a while (as on nccl, where nothing tells the others):
+    rank 0's watcher reads the failure from the store and aborts its group, and rank 0 stops, releases the lease
+    and exits long before the crashed rank does."""
+    env = {**_env(job_env), "MEDFT_LEASE_SECONDS": "600"}
+    store, run_id, steps, linger = str(tmp_path / "store"), "run-ddp-crash-linger", 8, 12.0
+    args = _args(tiny_model_dir, store, run_id, steps)
+    run = open_store(store).child(f"runs/{run_id}")
+
+    job = Job(torchrun_cmd(2, *args), cwd=ROOT, env=_crash_env(env, tmp_path, rank=1, linger=linger))
+    stopped = job.wait_for("failed", rank=0, timeout=180)
+    crashed_at = float((tmp_path / "crashed-at").read_text())
+    assert not run.exists("LEASE.json")  # released while the crashed rank still lives
+    assert job.proc.poll() is None  # torchrun still waits for the crashed rank
+    assert job.wait() == 1, job.stderr[-4000:]
+    assert _assert_stopped_for_rank_1(job, run) == stopped
+    (watched,) = [e for e in job.events if e.get("event") == "distributed.peer_failed"]
+    assert watched["rank"] == 0 and watched["failure"] == stopped["error"].split("; rank 0 stopped")[0]
+    print(f"rank 0 stopped {_time(stopped) - crashed_at:.2f} s after rank 1 crashed (it lingers {linger} s)")
+    assert 0 < _time(watched) - crashed_at <= _time(stopped) - crashed_at <= 5.0
+    assert Checkpointer(run).latest().step == CRASH_STEP - 1
+
+    # Two ranks again, through medft's own relaunch: they resume from that checkpoint at once and finish.
+    rerun = run_medft(*args, "--nproc-per-node", "2", env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    starts = {e["rank"]: e["resume_from_step"] for e in _events(rerun.stderr, "train.start")}
+    assert starts == {0: CRASH_STEP - 1, 1: CRASH_STEP - 1}
+    metrics = assert_published_whole(store, run_id, tmp_path / "published")["metrics"]
+    assert [h["step"] for h in metrics["loss_history"]] == list(range(1, steps + 1))
+    assert [(v.version, v.run_id) for v in registry_versions(store)] == [(1, run_id)]

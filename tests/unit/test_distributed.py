@@ -321,6 +321,47 @@ def test_shutting_the_connections_down_ends_them_for_the_peer_but_keeps_the_desc
         s.close()
 
 
+_CRASH = """
+import sys, time
+import torch.distributed as dist
+from job.distributed import Ranks, RankStopped
+rank = int(sys.argv[1])
+ranks, kept = Ranks(world_size=2, rank=rank, checkpoint=4), []
+try:
+    with ranks.group():
+        ranks.barrier()
+        ranks.step = 5
+        if rank == 1:
+            kept.append(dist.group.WORLD)  # its connections stay open: gloo alone would never fail rank 0
+            raise ValueError("boom\\nsecond line")
+        start = time.monotonic()
+        ranks.total(1)  # rank 1 never comes
+except RankStopped as e:
+    print(f"{time.monotonic() - start:.2f} {e.exit_code} {e.message}")
+except ValueError as e:
+    print(repr(e))
+    time.sleep(6)
+"""
+
+
+def test_a_crash_on_one_rank_stops_the_rank_waiting_for_it_at_once_in_one_line(tmp_path):
+    """Rank 1 raises inside the group and stays alive with its connections open; rank 0, waiting in an
+    all_reduce, gets RankStopped (exit 1) naming rank 1, its step and error within seconds, and rank 1 keeps
+    its own exception as it was."""
+    from tests.conftest import _free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CRASH, str(rank)], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], err0 + err1
+    assert out1.splitlines()[-1] == "ValueError('boom\\nsecond line')"  # (unconfigured logs go to stdout)
+    seconds, code, message = out0.splitlines()[-1].split(" ", 2)
+    assert code == "1" and message == ("rank 1 failed in step 5: ValueError: boom; rank 0 stopped with it. Rerun "
+                                       "the same command: the run resumes from its last checkpoint (step 4)")
+    assert float(seconds) < 4.0  # the watcher polls once a second; rank 1 lives 6 s more
+
+
 def test_a_sigterm_while_the_error_line_is_written_does_not_replace_it(capsys, monkeypatch):
     """torchrun sends SIGTERM to the ranks still running when one has failed: one already leaving with its own
     error keeps its line and exit code (the SIGTERM handler would raise Preempted into the report)."""
