@@ -25,13 +25,16 @@ flag, :meth:`Ranks.agree_stop`): SIGTERM on any rank makes every rank save the c
 and exit 143; a lost lease on rank 0 makes every rank exit 75 without saving. A failed checkpoint upload on
 rank 0 is agreed too (:meth:`Ranks.writer_does`): every rank exits with rank 0's code.
 
-A crash (an unexpected exception: a bug) on one rank while the group is up cannot reach a boundary: the
-others would wait in a collective it never joins (on nccl until torchrun kills them, lease still held). So
-that rank writes one line, ``rank R failed in step N: Error: message``, into torchrun's store, then exits 1
-with its traceback; every rank watches the store for that line (:mod:`job.rank_watch`) and, when it comes,
-aborts its process group (nccl: torch's NCCL abort; gloo, which has none: its connections shut down), so the
-collective it waits in raises. It then stops with exit 1 and that line (:class:`RankStopped`, no traceback)
-after its usual cleanup: rank 0 releases the lease, so a rerun resumes from the last checkpoint at once.
+A failure on one rank alone while the group is up cannot reach a boundary: a crash (an unexpected exception:
+a bug), or a MedftError the ranks did not agree on (rank 0's download failing while the others wait for it, bad
+data or a full disk on one rank). The others would wait in a collective it never joins (on nccl until torchrun
+kills them, lease still held). So that rank writes its exit code and one line, ``rank R failed in step N:
+Error: message`` (``in the pull stage``, ...: the stage it was in outside a training step), into torchrun's
+store, then exits as it would alone: 1 with its traceback for a crash, a MedftError's one line and code. Every
+rank watches the store for it (:mod:`job.rank_watch`) and, when it comes, aborts its process group (nccl:
+torch's NCCL abort; gloo, which has none: its connections shut down), so the collective it waits in raises. It
+then stops with that rank's exit code and line (:class:`RankStopped`, no traceback) after its usual cleanup:
+rank 0 releases the lease, so a rerun resumes from the last checkpoint at once.
 
 Resuming. Every rank restores the latest checkpoint into a work dir of its own, and the trainer skips the
 batches already trained on each rank (``global_step x`` its per-rank accumulation), so a run continues at the
@@ -139,7 +142,8 @@ class Ranks:
     local_rank: int = 0
     joined: bool = False  # the process group is up (inside :meth:`group`, until :meth:`leave`)
     stopping: bool = False  # the ranks agreed to stop: they leave the group together
-    step: int | None = None  # the optimizer step being trained (set by the trainer's callbacks), for a crash's line
+    step: int | None = None  # the optimizer step being trained (set by the trainer's callbacks), for a failure's line
+    stage: str | None = None  # the pipeline's stage under way (set by job.pipeline), for a failure's line
     checkpoint: int | None = None  # the step of the run's last checkpoint that every rank knows of
     _watcher: rank_watch.Watcher | None = field(default=None, repr=False, compare=False)
     _gloo_sockets: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
@@ -176,11 +180,13 @@ class Ranks:
         """The process group for the block (gloo on CPU, nccl on CUDA), destroyed on the way out; nothing with
         one process.
 
-        While it is up, a crash on any rank stops every rank (:mod:`job.rank_watch`): an exception other than a
-        MedftError leaving the block on the first rank to fail is announced to the others and re-raised as it
-        is (its traceback, exit 1); on every other rank the error that follows (its collective aborted, or
-        gloo's connection closed) leaves as :class:`RankStopped` (exit 1) naming the failed rank, its step and
-        its error. KeyboardInterrupt and SystemExit pass untouched.
+        While it is up, a failure on any rank stops every rank (:mod:`job.rank_watch`): an exception leaving the
+        block on the first rank to fail, a crash or a MedftError alone, is announced to the others with its exit
+        code (1 for a crash) and re-raised as it is (a crash's traceback, a MedftError's one line and code); on
+        every other rank the error that follows (its collective aborted, or gloo's connection closed) leaves as
+        :class:`RankStopped` with that exit code, naming the failed rank, its step or stage and its error.
+        Left untouched: agreed stops (a MedftError once :attr:`stopping` is set: :meth:`agree_stop`,
+        :meth:`writer_does`), RankStopped, any exception once the group is left, KeyboardInterrupt, SystemExit.
         """
         if not self.distributed:
             yield self
@@ -204,13 +210,13 @@ class Ranks:
         store = dist.distributed_c10d._get_default_store()  # torchrun's: every rank reads and writes the same
         backend, port = str(dist.get_backend()), rank_watch.store_port(store)
         self._watcher = rank_watch.Watcher(
-            store, lambda _line: rank_watch.abort_group(backend, self._gloo_sockets, port)).start()
+            store, lambda _failure: rank_watch.abort_group(backend, self._gloo_sockets, port)).start()
         try:
             yield self
         except Exception as e:
-            if isinstance(e, MedftError) or not self._live:  # agreed stops, or rank 0 alone after training
-                raise
-            stopped = self._crashed(e, store)
+            if not self._live or isinstance(e, RankStopped) or (isinstance(e, MedftError) and self.stopping):
+                raise  # rank 0 alone after training, another rank's failure already named, or an agreed stop
+            stopped = self._failed(e, store)
             if stopped is None:
                 raise
             raise stopped from None
@@ -219,19 +225,19 @@ class Ranks:
                 self.barrier()
             self.leave()
 
-    def _crashed(self, error: Exception, store: Any) -> RankStopped | None:
+    def _failed(self, error: Exception, store: Any) -> RankStopped | None:
         """None when this rank is the first to fail (it has announced ``error``: the caller re-raises it), else
         the RankStopped this rank leaves with: another rank failed first, and ``error`` follows from it."""
         if self._watcher is not None:
             self._watcher.stop()  # this rank's own announcement must not abort its group under it
-        mine = rank_watch.failure_line(self.rank, f"in step {self.step}" if self.step else "outside a training step",
-                                       error)
+        where = (f"in step {self.step}" if self.step else f"in the {self.stage} stage" if self.stage
+                 else "outside a training step")
+        mine = rank_watch.Failure(error.exit_code if isinstance(error, MedftError) else 1,
+                                  rank_watch.failure_line(self.rank, where, error))
         first = (self._watcher.failure if self._watcher is not None else None) or rank_watch.announce(store, mine)
         if first is None or first == mine:
             return None
-        resume = f" (step {self.checkpoint})" if self.checkpoint else ""
-        return RankStopped(f"{first}; rank {self.rank} stopped with it. Rerun the same command: the run resumes "
-                           f"from its last checkpoint{resume}", 1)
+        return RankStopped(rank_watch.stopped_message(first, self.rank, self.checkpoint), first.exit_code)
 
     def leave(self) -> None:
         """Destroy the process group (after training: rank 0 goes on alone); collectives are no-ops after."""

@@ -28,17 +28,23 @@ log = get_logger("medft.train")
 
 
 class StageClock:
-    """Wall time per stage, for the run's metrics; logs each stage's start and end."""
+    """Wall time per stage, for the run's metrics; logs each stage's start and end. Tells ``ranks`` the stage
+    under way (a failure on one rank names it; left set when the stage fails)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ranks: distributed.Ranks | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.ranks = ranks
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         log.info("stage.start", stage=stage)
+        if self.ranks is not None:
+            self.ranks.stage = stage
         start = time.perf_counter()
         yield
         self.seconds[stage] = round(time.perf_counter() - start, 3)
+        if self.ranks is not None:
+            self.ranks.stage = None
         log.info("stage.end", stage=stage, seconds=self.seconds[stage])
 
 
@@ -74,7 +80,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
     # The backend before the checks: unsloth patches transformers when imported, and the checks import it.
     backend = select_backend(cfg)
     targets_checked = preflight.check(cfg)
-    stage, stop = StageClock(), Preemption()
+    stage, stop = StageClock(ranks), Preemption()
     # EarlyUploads: merged shards go up to S3 as the export writes them; leaving waits for (or drops) what is left.
     with stop, ranks.group(), ranks.lease(run) as lease, trackers, publish.EarlyUploads(run, lease) as early_uploads:
         run_store = FencedStore(run.run_store, lease)  # every write into the run: lease confirmed, create-only

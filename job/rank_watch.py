@@ -1,12 +1,13 @@
-"""A crash on one rank, told to the others while the process group is up (:meth:`job.distributed.Ranks.group`).
+"""A failure on one rank, told to the others while the process group is up (:meth:`job.distributed.Ranks.group`).
 
-An unexpected exception on one rank leaves the others waiting in a collective that rank never joins: gloo fails
-it only when the crashed process exits and its connections close; nccl does not fail it at all, so torchrun
-kills the waiting ranks later and their cleanup (rank 0 releasing the run's lease) never runs. So the rank that
-crashes says so first (:func:`announce`: one line under :data:`KEY` in torchrun's c10d store; the first rank to
-fail wins), and every rank runs a :class:`Watcher` that polls the store for that line and aborts the process
-group (:func:`abort_group`) when it appears: the collective the rank waits in then raises, and
-:meth:`~job.distributed.Ranks.group` turns that into one line naming the failed rank.
+An exception on one rank alone (a crash, or a MedftError the ranks did not agree on) leaves the others waiting
+in a collective that rank never joins: gloo fails it only when the failed process exits and its connections
+close; nccl does not fail it at all, so torchrun kills the waiting ranks later and their cleanup (rank 0
+releasing the run's lease) never runs. So the rank that fails says so first (:func:`announce`: one
+:class:`Failure`, its exit code and its line, under :data:`KEY` in torchrun's c10d store; the first rank to fail
+wins), and every rank runs a :class:`Watcher` that polls the store for it and aborts the process group
+(:func:`abort_group`) when it appears: the collective the rank waits in then raises, and
+:meth:`~job.distributed.Ranks.group` turns that into one line naming the failed rank, and its exit code.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+from registry.errors import PERMANENT_EXIT_CODES
 from registry.logs import get_logger
 from registry.redact import redact_text
 
 log = get_logger(__name__)
 
-#: The store key holding the first failure's line. torchrun makes a fresh store for every start of the ranks.
+#: The store key holding the first failure (:meth:`Failure.encode`). torchrun makes a fresh store for every start
+#: of the ranks.
 KEY = "medft/rank_failed"
 POLL_SECONDS = 1.0  # a failure stops the other ranks within about this long
 _MAX_MESSAGE = 300  # characters of the exception's first line that go into the line
@@ -40,26 +43,57 @@ def failure_line(rank: int, where: str, exc: BaseException) -> str:
     return redact_text(f"rank {rank} failed {where}: {type(exc).__name__}" + (f": {first}" if first else ""))
 
 
-def announce(store: Any, line: str) -> str | None:
-    """Put ``line`` under :data:`KEY` unless a rank put its own there first; returns the line that stands there
-    (``line`` itself when this rank was first), or None when the store cannot be reached. Raises nothing."""
+class Failure(NamedTuple):
+    """The first rank's failure as every rank reads it: the exit code that rank leaves with (1 for a crash, a
+    MedftError's own code) and its :func:`failure_line`."""
+
+    exit_code: int
+    line: str
+
+    def encode(self) -> str:
+        """``"<exit code>\t<line>"``: both in one store value, so that one compare_set sets the pair."""
+        return f"{self.exit_code}\t{self.line}"
+
+    @classmethod
+    def decode(cls, value: bytes | str) -> Failure:
+        """The inverse of :meth:`encode`; a value without a whole-number code before a tab is all line, exit 1."""
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        code, tab, line = text.partition("\t")
+        if tab and code.strip().lstrip("-").isdigit():
+            return cls(int(code), line)
+        return cls(1, text)
+
+
+def announce(store: Any, failure: Failure) -> Failure | None:
+    """Put ``failure`` under :data:`KEY` unless a rank put its own there first; returns the failure that stands
+    there (``failure`` itself when this rank was first), or None when the store cannot be reached. Raises
+    nothing."""
     try:  # compare_set with an empty expected value sets only an absent key: one first failure, atomically
-        return store.compare_set(KEY, "", line).decode("utf-8", "replace")
+        return Failure.decode(store.compare_set(KEY, "", failure.encode()))
     except Exception as e:  # noqa: BLE001 - torchrun's store is gone: nobody is left to tell
         log.debug("distributed.announce_failed", error=str(e))
         return None
 
 
+def stopped_message(first: Failure, rank: int, checkpoint: int | None) -> str:
+    """What ``rank`` leaves with when another rank failed ``first``: its line, then how to go on (a code that
+    retrying cannot cure, :data:`~registry.errors.PERMANENT_EXIT_CODES`, asks for the fix first)."""
+    fix = " once that is fixed" if first.exit_code in PERMANENT_EXIT_CODES else ""
+    resume = f" (step {checkpoint})" if checkpoint else ", if it has one"
+    return (f"{first.line}; rank {rank} stopped with it. Rerun the same command{fix}: the run resumes from its "
+            f"last checkpoint{resume}")
+
+
 class Watcher:
     """A daemon thread that polls ``store`` for :data:`KEY` every ``poll`` seconds (a non-blocking ``check``)
-    and, when a failure is there, records its line in :attr:`failure`, then calls ``on_failure(line)`` once.
+    and, when a failure is there, records it in :attr:`failure`, then calls ``on_failure(failure)`` once.
 
     :meth:`stop` ends it (before the process group goes); it also ends by itself when the store cannot be
     reached (torchrun is stopping). It never blocks the process's exit.
     """
 
-    def __init__(self, store: Any, on_failure: Callable[[str], None], poll: float = POLL_SECONDS) -> None:
-        self.failure: str | None = None
+    def __init__(self, store: Any, on_failure: Callable[[Failure], None], poll: float = POLL_SECONDS) -> None:
+        self.failure: Failure | None = None
         self._store, self._on_failure, self._poll = store, on_failure, poll
         self._stopped = threading.Event()
         self._lock = threading.Lock()  # on_failure never runs once stop() returned
@@ -74,17 +108,17 @@ class Watcher:
             try:
                 if not self._store.check([KEY]):
                     continue
-                line = self._store.get(KEY).decode("utf-8", "replace")
+                failure = Failure.decode(self._store.get(KEY))
             except Exception as e:  # noqa: BLE001 - the store went away: nothing more can be announced
                 log.debug("distributed.watch_ended", error=str(e))
                 return
             with self._lock:
                 if self._stopped.is_set():
                     return
-                self.failure = line
-                log.warning("distributed.peer_failed", failure=line,
+                self.failure = failure
+                log.warning("distributed.peer_failed", failure=failure.line, exit_code=failure.exit_code,
                             action="aborting the process group: this rank stops at once")
-                self._on_failure(line)
+                self._on_failure(failure)
             return
 
     def stop(self) -> None:

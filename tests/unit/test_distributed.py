@@ -240,38 +240,62 @@ def test_a_crash_is_told_in_one_redacted_line_naming_the_rank_the_step_and_the_e
     assert len(long) < 400 and long.endswith("...")
 
 
-def test_the_first_rank_to_fail_is_the_one_announced():
+def test_a_failure_is_stored_as_its_exit_code_and_its_line_in_one_value():
+    failure = rank_watch.Failure(75, "rank 0 failed in the pull stage: TransientError: hf://x: download failed")
+    assert failure.encode() == "75\trank 0 failed in the pull stage: TransientError: hf://x: download failed"
+    assert rank_watch.Failure.decode(failure.encode().encode()) == failure
+    tabbed = rank_watch.Failure(3, "rank 1 failed in step 2: DataError: row 7: a\tb")  # a tab in the message
+    assert rank_watch.Failure.decode(tabbed.encode()) == tabbed
+    # A value without a code (a line alone, from a medft that stored only that) is a crash's: exit 1.
+    assert rank_watch.Failure.decode(b"rank 1 failed in step 5: ValueError: boom") == (
+        1, "rank 1 failed in step 5: ValueError: boom")
+    assert rank_watch.Failure.decode("x\trank 1 failed") == (1, "x\trank 1 failed")
+
+
+def test_the_first_rank_to_fail_is_the_one_announced_with_its_exit_code():
     import torch.distributed as dist
 
     store = dist.HashStore()
-    assert rank_watch.announce(store, "rank 1 failed in step 5: ValueError: boom") == (
-        "rank 1 failed in step 5: ValueError: boom")
-    # A second failure (the error rank 0 gets from the first) finds the first's line and does not replace it.
-    assert rank_watch.announce(store, "rank 0 failed in step 5: RuntimeError: peer closed") == (
-        "rank 1 failed in step 5: ValueError: boom")
-    assert store.get(rank_watch.KEY) == b"rank 1 failed in step 5: ValueError: boom"
+    first = rank_watch.Failure(75, "rank 1 failed in the pull stage: TransientError: boom")
+    assert rank_watch.announce(store, first) == first
+    # A second failure (the error rank 0 gets from the first) finds the first's and does not replace it.
+    assert rank_watch.announce(store, rank_watch.Failure(1, "rank 0 failed in step 5: RuntimeError: peer closed")) == (
+        first)
+    assert store.get(rank_watch.KEY) == b"75\trank 1 failed in the pull stage: TransientError: boom"
 
     class Gone:
         def compare_set(self, *args: object) -> bytes:
             raise RuntimeError("Connection reset by peer")
 
-    assert rank_watch.announce(Gone(), "rank 1 failed in step 5: ValueError: boom") is None
+    assert rank_watch.announce(Gone(), first) is None
+
+
+def test_the_other_ranks_are_told_how_to_go_on():
+    crash = rank_watch.Failure(1, "rank 1 failed in step 5: ValueError: boom")
+    assert rank_watch.stopped_message(crash, 0, 4) == (
+        "rank 1 failed in step 5: ValueError: boom; rank 0 stopped with it. Rerun the same command: the run "
+        "resumes from its last checkpoint (step 4)")
+    transient = rank_watch.Failure(75, "rank 0 failed in the pull stage: TransientError: retry")
+    assert rank_watch.stopped_message(transient, 1, None).endswith(
+        "; rank 1 stopped with it. Rerun the same command: the run resumes from its last checkpoint, if it has one")
+    bad_data = rank_watch.Failure(3, "rank 1 failed in the pull stage: DataError: row 7")
+    assert "Rerun the same command once that is fixed: " in rank_watch.stopped_message(bad_data, 0, None)
 
 
 def test_the_watcher_calls_back_once_when_a_failure_is_announced_and_never_after_it_stopped():
     import torch.distributed as dist
 
     store, seen, called = dist.HashStore(), [], threading.Event()
-    watcher = rank_watch.Watcher(store, lambda line: (seen.append(line), called.set()), poll=0.05).start()
-    rank_watch.announce(store, "rank 1 failed in step 3: ValueError: boom")
+    watcher = rank_watch.Watcher(store, lambda failure: (seen.append(failure), called.set()), poll=0.05).start()
+    rank_watch.announce(store, rank_watch.Failure(2, "rank 1 failed in step 3: ConfigError: boom"))
     assert called.wait(5)
     watcher.stop()
-    assert seen == ["rank 1 failed in step 3: ValueError: boom"] and watcher.failure == seen[0]
+    assert seen == [(2, "rank 1 failed in step 3: ConfigError: boom")] and watcher.failure == seen[0]
 
     quiet = dist.HashStore()
-    stopped = rank_watch.Watcher(quiet, lambda line: seen.append(line), poll=0.05).start()
+    stopped = rank_watch.Watcher(quiet, lambda failure: seen.append(failure), poll=0.05).start()
     stopped.stop()  # the group is left before anything was announced
-    rank_watch.announce(quiet, "rank 0 failed in step 9: ValueError: late")
+    rank_watch.announce(quiet, rank_watch.Failure(1, "rank 0 failed in step 9: ValueError: late"))
     stopped._thread.join(5)
     assert not stopped._thread.is_alive() and stopped.failure is None and len(seen) == 1
 
@@ -360,6 +384,55 @@ def test_a_crash_on_one_rank_stops_the_rank_waiting_for_it_at_once_in_one_line(t
     assert code == "1" and message == ("rank 1 failed in step 5: ValueError: boom; rank 0 stopped with it. Rerun "
                                        "the same command: the run resumes from its last checkpoint (step 4)")
     assert float(seconds) < 4.0  # the watcher polls once a second; rank 1 lives 6 s more
+
+
+_ONE_RANK_ERROR = """
+import sys
+from job.distributed import Ranks, RankStopped
+from registry.errors import DataError, TransientError
+rank, agreed = int(sys.argv[1]), sys.argv[2] == "agreed"
+ranks = Ranks(world_size=2, rank=rank)
+try:
+    with ranks.group():
+        ranks.barrier()
+        ranks.stage = "pull"
+        if agreed:  # every rank raises together, as after agree_stop or writer_does
+            ranks.stopping = True
+            raise DataError(f"row 7 is bad (rank {rank})")
+        if rank == 1:
+            raise TransientError("hf://org/model: download failed (ConnectionError); retry")
+        ranks.total(1)  # rank 1 never comes
+except RankStopped as e:
+    print(f"stopped {e.exit_code} {e.message}")
+except (DataError, TransientError) as e:
+    print(f"own {type(e).__name__} {e.exit_code} {e.message}")
+"""
+
+
+def _two_ranks(script: str, *args: str) -> list[str]:
+    from tests.conftest import _free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), *args], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    return [out.splitlines()[-1] for out, _ in outs]
+
+
+def test_a_medft_error_on_one_rank_stops_the_other_with_its_exit_code_in_one_line():
+    """Rank 1's TransientError is not agreed: rank 1 keeps it (exit 75), and rank 0, waiting for rank 1 in an
+    all_reduce, stops with exit 75 naming rank 1, the stage and the error (not gloo's closed connection)."""
+    rank0, rank1 = _two_ranks(_ONE_RANK_ERROR, "alone")
+    assert rank1 == "own TransientError 75 hf://org/model: download failed (ConnectionError); retry"
+    assert rank0 == ("stopped 75 rank 1 failed in the pull stage: TransientError: hf://org/model: download failed "
+                     "(ConnectionError); retry; rank 0 stopped with it. Rerun the same command: the run resumes "
+                     "from its last checkpoint, if it has one")
+
+
+def test_an_agreed_medft_error_leaves_every_rank_as_it_is():
+    assert _two_ranks(_ONE_RANK_ERROR, "agreed") == ["own DataError 3 row 7 is bad (rank 0)",
+                                                     "own DataError 3 row 7 is bad (rank 1)"]
 
 
 def test_a_sigterm_while_the_error_line_is_written_does_not_replace_it(capsys, monkeypatch):
