@@ -332,3 +332,74 @@ def test_the_other_ranks_stop_at_once_while_the_crashed_rank_still_lives(tiny_mo
     metrics = assert_published_whole(store, run_id, tmp_path / "published")["metrics"]
     assert [h["step"] for h in metrics["loss_history"]] == list(range(1, steps + 1))
     assert [(v.version, v.run_id) for v in registry_versions(store)] == [(1, run_id)]
+
+
+# Put first on the ranks' PYTHONPATH: on the rank named by FAIL_RANK, the pull stage's download of the base model
+# (job.model.pull_weights) fails as a hub download does when the network drops: TransientError, exit 75.
+_PULL_FAILS = '''
+import importlib.abc, importlib.machinery, os, sys
+
+
+class _PatchModel(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "job.model":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+
+            def pull_weights(uri, revision):
+                from registry.errors import TransientError
+
+                raise TransientError("hf://org/tiny-llama: download failed (ConnectionError); retry")
+
+            module.pull_weights = pull_weights
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("FAIL_RANK"):
+    sys.meta_path.insert(0, _PatchModel())
+'''
+
+
+def test_a_medft_error_on_one_rank_alone_stops_the_other_with_its_exit_code_and_a_rerun_publishes(
+        tiny_model_dir, job_env, tmp_path):
+    """Rank 1's download fails (TransientError, exit 75) while rank 0, done pulling, waits for it at the boundary
+    after the pull: rank 1 prints its own line; rank 0 stops with exit 75 naming rank 1, the stage and the error,
+    and releases the lease; nothing is published, and the same command then trains and publishes."""
+    env = {**_env(job_env), "MEDFT_LEASE_SECONDS": "600"}  # a lease left behind would refuse the rerun for 10 min
+    store, run_id, steps = str(tmp_path / "store"), "run-ddp-pull-fails", 4
+    args = _args(tiny_model_dir, store, run_id, steps)
+    run = open_store(store).child(f"runs/{run_id}")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_PULL_FAILS)
+    failing = {**env, "PYTHONPATH": f"{inject}{os.pathsep}{env['PYTHONPATH']}", "FAIL_RANK": "1"}
+
+    job = Job(medft_cmd(*args, "--nproc-per-node", "2"), cwd=ROOT, env=failing)
+    assert job.wait() == 75, job.stderr[-4000:]
+    failed = {}
+    for event in (e for e in job.events if e.get("event") == "failed"):
+        assert event["rank"] not in failed, job.stderr[-4000:]  # one failed event a rank
+        failed[event["rank"]] = event
+    assert sorted(failed) == [0, 1], job.stderr[-4000:]
+    own = "hf://org/tiny-llama: download failed (ConnectionError); retry"
+    assert failed[1]["error"] == own and failed[1]["exit_code"] == 75
+    assert failed[0]["exit_code"] == 75
+    assert failed[0]["error"] == (f"rank 1 failed in the pull stage: TransientError: {own}; rank 0 stopped with it. "
+                                  "Rerun the same command: the run resumes from its last checkpoint, if it has one")
+    assert sorted(job.errors) == sorted(f"medft: error: {e['error']}" for e in failed.values())
+    assert "Traceback" not in job.stderr and "Connection closed by peer" not in job.stderr, job.stderr[-4000:]
+    assert not run.exists("LEASE.json") and not run.exists("MANIFEST.json")
+    assert not [e for e in job.events if e.get("event") == "train.start"]
+
+    rerun = run_medft(*args, env=env)  # the same command, the network back (one rank: the quickest proof)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metrics = assert_published_whole(store, run_id, tmp_path / "published")["metrics"]
+    assert metrics["steps"] == steps
+    assert [(v.version, v.run_id) for v in registry_versions(store)] == [(1, run_id)]
