@@ -191,12 +191,42 @@ def test_a_lease_lost_on_rank_0_stops_both_ranks_with_75_and_nothing_saved_after
     assert run.get_bytes("LEASE.json")[0] == thief and not run.exists("MANIFEST.json")
 
 
+# The start of each sitecustomize.py below: ``_after_import(name, patch)`` calls ``patch(module)`` once ``name`` is
+# imported, in the rank named by the environment variable ``rank_var`` only.
+_AFTER_IMPORT = '''
+import importlib.abc, importlib.machinery, os, sys
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name, path, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _after_import(rank_var, name, patch):
+    if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get(rank_var):
+        sys.meta_path.insert(0, _AfterImport(name, patch))
+'''
+
 # Put first on the ranks' PYTHONPATH: on the rank named by CRASH_RANK, the trainer's training_step raises at the
 # start of step CRASH_STEP (before its forward pass) and writes the time it did into CRASH_STAMP. With
 # CRASH_LINGER_S the crashed rank then holds its process group (so its connections stay open, as a rank that
 # nothing unblocks) and stays alive that long after its traceback, deaf to torchrun's SIGTERM.
-_CRASH_INJECTOR = '''
-import atexit, importlib.abc, importlib.machinery, os, signal, sys, time
+_CRASH_INJECTOR = _AFTER_IMPORT + '''
+import atexit, signal, time
 
 _kept = []
 
@@ -225,24 +255,7 @@ def _patch(trainer):
     trainer.training_step = training_step
 
 
-class _PatchTrainer(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "transformers.trainer":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _patch(module.Trainer)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("CRASH_RANK"):
-    sys.meta_path.insert(0, _PatchTrainer())
+_after_import("CRASH_RANK", "transformers.trainer", lambda module: _patch(module.Trainer))
 '''
 CRASH_STEP = 5  # checkpoints every 2 steps: the last one before the crash is step 4
 
@@ -336,34 +349,15 @@ def test_the_other_ranks_stop_at_once_while_the_crashed_rank_still_lives(tiny_mo
 
 # Put first on the ranks' PYTHONPATH: on the rank named by FAIL_RANK, the pull stage's download of the base model
 # (job.model.pull_weights) fails as a hub download does when the network drops: TransientError, exit 75.
-_PULL_FAILS = '''
-import importlib.abc, importlib.machinery, os, sys
+_PULL_FAILS = _AFTER_IMPORT + '''
+
+def pull_weights(uri, revision):
+    from registry.errors import TransientError
+
+    raise TransientError("hf://org/tiny-llama: download failed (ConnectionError); retry")
 
 
-class _PatchModel(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "job.model":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-
-            def pull_weights(uri, revision):
-                from registry.errors import TransientError
-
-                raise TransientError("hf://org/tiny-llama: download failed (ConnectionError); retry")
-
-            module.pull_weights = pull_weights
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("FAIL_RANK"):
-    sys.meta_path.insert(0, _PatchModel())
+_after_import("FAIL_RANK", "job.model", lambda module: setattr(module, "pull_weights", pull_weights))
 '''
 
 
