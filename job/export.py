@@ -78,6 +78,16 @@ def _tensors(weights_dir: Path) -> list[tuple[str, str, int]]:
     return out
 
 
+def _free_gpu_bytes() -> int:
+    """Bytes free on the GPU once PyTorch's cache is emptied (what the trained model left there is free for the
+    export); 0 without a GPU."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info()
+    return free
+
+
 def merge_device(largest: int) -> torch.device:
     """Where the merge computes: the GPU when one is free enough for the largest tensor (``largest`` elements)
     in float32 with its temporaries (reading, casting and writing stay on the host either way), else the CPU.
@@ -85,11 +95,7 @@ def merge_device(largest: int) -> torch.device:
     The arithmetic is the same float32 on both (TF32 is turned off for it, see :func:`_merged_tensors`); the GPU
     only removes the host's float32 passes over every weight, most of the export's time on an 8B model.
     """
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.empty_cache()  # what the trained model left in PyTorch's cache is free for this
-    free, _total = torch.cuda.mem_get_info()
-    return torch.device("cuda") if free > 4 * 4 * largest + 2 * 1024**3 else torch.device("cpu")
+    return torch.device("cuda") if _free_gpu_bytes() > 4 * 4 * largest + 2 * 1024**3 else torch.device("cpu")
 
 
 @contextmanager
@@ -233,11 +239,8 @@ def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer: 
     """
     from peft import PeftModel
 
-    device = "cpu"
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        free, _total = torch.cuda.mem_get_info()
-        device = "cuda" if free > 1.3 * _first_layers_bytes(merged_dir, layers) else "cpu"
+    free = _free_gpu_bytes()
+    device = "cuda" if free and free > 1.3 * _first_layers_bytes(merged_dir, layers) else "cpu"
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     with _exact_float32():
         reference = _logits(PeftModel.from_pretrained(_float32_model(base_dir, layers, device), adapter_dir).eval(),
