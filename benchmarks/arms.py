@@ -39,6 +39,8 @@ ARMS = {
     "C-fp8": "medft, 16-bit plan but the base's linear layers in FP8 (Unsloth's load_in_fp8: row-wise FP8 "
              "weights through torchao, FP8 matmuls in the forward pass)",
     "C-fp8-eager": "C-fp8 without unsloth's per-block torch.compile (UNSLOTH_BLOCK_COMPILE=0)",
+    "C-eager": "medft, defaults but without unsloth's per-block torch.compile (UNSLOTH_BLOCK_COMPILE=0): "
+               "what a short job saves in compiling against what each step loses",
     "C-graphs": "medft, defaults but unsloth's per-block CUDA graphs (UNSLOTH_BLOCK_CUDAGRAPHS=1), batches "
                 "padded to a multiple of 64 tokens so that a few shapes recur",
 }
@@ -59,13 +61,16 @@ MEDFT_OVERRIDES = {
     # The plan sized for 16-bit weights; FP8 weights take half of that. Compare with C at the same plan.
     "C-fp8": ["model.load_in_4bit=false"],
     "C-fp8-eager": ["model.load_in_4bit=false"],
+    "C-eager": [],
     "C-graphs": [],
 }
 #: Environment an arm sets in its own process before loading. The FP8 arm's first step ran over 90 s on an
 #: H100 (2026-12-06, docs/benchmarks.md), so its eager variant tells compiling from FP8 itself.
 #: CUDA graphs replay the launches of a whole block, for the host-bound 1.5B; unsloth records a graph set per
 #: shape and gives graphs up past 8 shapes, hence the padding to a multiple (about 4% more tokens here).
-ARM_ENV = {"C-fp8-eager": {"UNSLOTH_BLOCK_COMPILE": "0"}, "C-graphs": {"UNSLOTH_BLOCK_CUDAGRAPHS": "1"}}
+#: The 8B's first two steps took about 30 s of a 60-step job's 62 s of training (run 7): C-eager weighs that.
+ARM_ENV = {"C-fp8-eager": {"UNSLOTH_BLOCK_COMPILE": "0"}, "C-eager": {"UNSLOTH_BLOCK_COMPILE": "0"},
+           "C-graphs": {"UNSLOTH_BLOCK_CUDAGRAPHS": "1"}}
 PAD_TO_MULTIPLE = {"C-graphs": 64}
 #: Every C arm runs the unsloth backend with medft's defaults, then its own overrides.
 MEDFT_DEFAULTS = ["model.backend=unsloth"]

@@ -147,7 +147,11 @@ class Meter:
                 "padding_share": 1 - real / fed if fed else None,
                 "max_microbatch_tokens": max(self.fed) if self.fed else 0,
                 "first_loss": self.losses[0] if self.losses else None,
-                "last_loss": self.losses[-1] if self.losses else None, "losses": self.losses}
+                "last_loss": self.losses[-1] if self.losses else None, "losses": self.losses,
+                # Every step, compiling ones included: what a short job pays (the host's clock at each step's
+                # end; the GPU is synchronized only around the timed steps, and at each logged loss).
+                "step_seconds": [b - a for a, b in zip([self.start, *self.step_end], self.step_end)],
+                "train_seconds": self.step_end[-1] - self.start if steps else 0.0}
 
 
 def timed_trainer(base: type, meter: Meter) -> type:
@@ -182,6 +186,9 @@ class TimedBackend:
 
     def for_inference(self, model: Any) -> Any:
         return self.inner.for_inference(model)
+
+    def for_training(self, model: Any) -> Any:
+        return self.inner.for_training(model)
 
     def trainer_class(self) -> type:
         return timed_trainer(self.inner.trainer_class(), self.meter)

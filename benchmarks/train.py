@@ -23,7 +23,8 @@ after the other, in one invocation:
   ships only if it wins) over the plan for 16-bit weights, ``C-fp8-eager`` the same without Unsloth's
   per-block ``torch.compile``; run them with ``--max-seq-length 1024`` on an H100, where 16-bit 8B fits.
   ``C-graphs`` turns on Unsloth's per-block CUDA graphs, with batches padded to a multiple of 64 tokens so
-  that few shapes recur (a lever for the host-bound 1.5B).
+  that few shapes recur (a lever for the host-bound 1.5B). ``C-eager`` turns the per-block ``torch.compile``
+  off: each arm's ``step_seconds`` keeps every step, compiling ones included, to weigh what a short job saves.
 
 Measured per arm, over the optimizer steps after ``--warmup`` (the first steps compile kernels): non-padding
 tokens per second, seconds per optimizer step, tokens the model processed including padding, peak GPU memory

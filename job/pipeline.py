@@ -121,9 +121,12 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         shutil.rmtree(answers_dir, ignore_errors=True)
         with stage("eval_before"):
             if ranks.writer:  # the other ranks only train
-                before = evaluate.evaluate(peft_model, tokenizer, prepared.eval, cfg, "before")
-                benchmarks_before = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "before",
+                # The same inference path as after training: comparable numbers, and unsloth's fast decoding.
+                inference_model = backend.for_inference(peft_model)
+                before = evaluate.evaluate(inference_model, tokenizer, prepared.eval, cfg, "before")
+                benchmarks_before = score_job_benchmarks(inference_model, tokenizer, cfg, benchmark_suite, "before",
                                                          answers_dir)
+                backend.for_training(peft_model)
         with stage("train"):
             result = train.fit(cfg, backend, plan, peft_model, tokenizer, prepared, work_dir=run.work_dir / "trainer",
                                checkpointer=Checkpointer(run_store), preemption=stop, lease=lease,

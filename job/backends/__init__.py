@@ -65,6 +65,11 @@ class TrainingBackend(Protocol):
         """Switch a model to fast generation in eval mode; returns the model to call ``generate`` on."""
         ...
 
+    def for_training(self, model: Any) -> Any:
+        """Undo :meth:`for_inference` on a model that goes on training: training mode, and the gradient
+        checkpointing its plan chose at :meth:`load`. Returns the model."""
+        ...
+
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
                            trust_remote_code: bool = False) -> Any:
         """A causal LM from a local safetensors folder, on the GPU when there is one, ready for an adapter.

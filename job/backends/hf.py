@@ -128,6 +128,10 @@ class HFBackend:
         model.eval()
         return model
 
+    def for_training(self, model: Any) -> Any:
+        model.train()  # checkpointing stays as load set it: eval() does not touch it
+        return model
+
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
                            trust_remote_code: bool = False) -> Any:
         # Unquantized weights whatever load_in_4bit says (float32 on CPU, bf16 or fp16 on CUDA): an adapter

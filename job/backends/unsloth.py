@@ -151,6 +151,14 @@ class UnslothBackend:
         FastLanguageModel.for_inference(model)
         return model.eval()
 
+    def for_training(self, model: Any) -> Any:
+        from unsloth import FastLanguageModel
+
+        # No use_gradient_checkpointing: unsloth then keeps the mode get_peft_model recorded (the plan's).
+        # The decode buffers generation left on the attention layers go at the first training forward.
+        FastLanguageModel.for_training(model)
+        return model
+
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,
                            trust_remote_code: bool = False) -> Any:
         from unsloth import FastLanguageModel

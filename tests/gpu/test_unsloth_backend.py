@@ -222,3 +222,57 @@ def test_unsloth_loads_a_model_for_inference_that_generates(tiny_weights: Path):
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
                              min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 20) and torch.equal(out[0, :16], prompt[0])
+
+
+def test_the_eval_before_training_through_the_inference_path_changes_no_training_step(tiny_weights: Path):
+    """The pipeline evaluates before training on ``for_inference``'s model (eval loss, greedy answers), then calls
+    ``for_training``. The eval loss must be what the training-mode model gives; the next training step must
+    compute what it computes without the detour, with the plan's gradient checkpointing; and the decode buffers
+    generation left on the attention layers must be gone after it."""
+    import torch
+
+    from job import evaluate
+    from job.backends.unsloth import UnslothBackend
+    from job.train import TrainCollator, to_trainer_rows
+
+    cfg = _config(f"model.base={tiny_weights}", "model.max_seq_length=1024", "train.gradient_checkpointing=unsloth")
+    backend = UnslothBackend()
+    plan = backend.plan(cfg)
+    assert plan.gradient_checkpointing == "unsloth"
+    model, _ = backend.load(tiny_weights, cfg, plan)
+    model.train()
+    rows = synthetic_rows(architectures.TINY_LLAMA, 4, seed=19)
+    batch = {k: v.cuda() for k, v in TrainCollator(0, padding_free=False)(to_trainer_rows(rows)).items()}
+
+    def checkpointing():
+        return [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def loss_and_grad():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    armed = checkpointing()
+    assert any(armed)
+    loss, grads = loss_and_grad()
+    training_mode_eval = evaluate.eval_loss(model, rows, 0)
+
+    inference = backend.for_inference(model)
+    assert not inference.training
+    assert evaluate.eval_loss(inference, rows, 0) == pytest.approx(training_mode_eval, rel=1e-2)
+    prompt = torch.tensor([rows[0]["input_ids"][:32]], device="cuda")
+    with torch.no_grad():
+        out = inference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                 min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 40)
+    assert backend.for_training(model) is model
+
+    assert model.training and checkpointing() == armed
+    again, again_grads = loss_and_grad()
+    assert again == pytest.approx(loss, rel=1e-3)
+    assert (again_grads - grads).norm() <= 1e-2 * grads.norm()
+    assert not any(hasattr(m, "paged_attention") for m in model.modules())  # memory training does not budget

@@ -21,3 +21,12 @@ def test_without_a_multiple_batches_pad_to_their_longest_row():
     meter = Meter()
     collate = meter.wrap(TrainCollator(pad_token_id=0, padding_free=False))
     assert collate(_rows(515, 700))["input_ids"].shape[1] == 700
+
+
+def test_the_summary_keeps_every_step_compiling_ones_included():
+    meter = Meter(warmup=2)
+    meter.start, meter.step_end = 100.0, [130.0, 138.0, 138.5, 139.0]  # two compiling steps, then 0.5 s each
+    meter.real, meter.fed = [10] * 4, [12] * 4
+    summary = meter.summary(grad_accum=1)
+    assert summary["step_seconds"] == [30.0, 8.0, 0.5, 0.5] and summary["train_seconds"] == 39.0
+    assert summary["seconds_per_step"] == 0.5 and summary["timed_steps"] == 2  # the timing leaves them out

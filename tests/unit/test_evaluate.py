@@ -180,3 +180,20 @@ def test_token_batches_pack_longest_first_within_the_budget() -> None:
     assert evaluate.token_batches(lengths, budget=1) == [[5], [1], [3], [2], [6], [7], [0], [4]]
     assert evaluate.token_batches(lengths, budget=10**6) == [[5, 1, 3, 2, 6, 7, 0, 4]]
     assert evaluate.token_batches([], budget=80) == []
+
+
+def test_the_hf_backend_round_trip_around_eval_before_leaves_the_model_as_training_needs_it(tokenizer: Any) -> None:
+    """The pipeline runs the evaluation before training on ``for_inference``'s model, then ``for_training``:
+    the model must come back in training mode with its gradient checkpointing, and its loss unchanged."""
+    from job.backends.hf import HFBackend
+
+    backend = HFBackend()
+    model = _model("llama", tokenizer)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows = _rows(5, len(tokenizer))
+    inference = backend.for_inference(model)
+    assert not any(m.training for m in inference.modules())
+    before = evaluate.eval_loss(inference, rows, tokenizer.pad_token_id)
+    assert backend.for_training(model) is model
+    assert all(m.training for m in model.modules()) and model.is_gradient_checkpointing
+    assert evaluate.eval_loss(model, rows, tokenizer.pad_token_id) == pytest.approx(before, rel=1e-6)
