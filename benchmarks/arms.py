@@ -26,7 +26,7 @@ ARMS = {
     "A": "transformers + peft + bitsandbytes, SDPA, gradient checkpointing, padded 2 x 4",
     "B": "Unsloth, the reference recipe: 4-bit, padded 2 x 4, checkpointing 'unsloth'",
     "B-auto": "Unsloth, the recipe's code as published (padding_free left to Unsloth)",
-    "C": "medft train stage (unsloth backend), defaults",
+    "C": "medft train stage (unsloth backend), defaults, decoder blocks compiled as a long job's are",
     "C-qlora": "medft, defaults but 4-bit weights and 8-bit AdamW (the recipe's)",
     "C-4bit": "medft, defaults but model.load_in_4bit=true",
     "C-8bit": "medft, defaults but train.optim=adamw_8bit",
@@ -38,9 +38,9 @@ ARMS = {
     "C-mask": "medft, defaults but padded batches keep their attention mask (put back by the benchmark)",
     "C-fp8": "medft, 16-bit plan but the base's linear layers in FP8 (Unsloth's load_in_fp8: row-wise FP8 "
              "weights through torchao, FP8 matmuls in the forward pass)",
-    "C-fp8-eager": "C-fp8 without unsloth's per-block torch.compile (UNSLOTH_BLOCK_COMPILE=0)",
-    "C-eager": "medft, defaults but without unsloth's per-block torch.compile (UNSLOTH_BLOCK_COMPILE=0): "
-               "what a short job saves in compiling against what each step loses",
+    "C-fp8-eager": "C-fp8 without unsloth's per-block torch.compile (train.compile=false)",
+    "C-eager": "medft, defaults but train.compile=false (no per-block torch.compile), as a short job runs: "
+               "what it saves in compiling against what each step loses",
     "C-graphs": "medft, defaults but unsloth's per-block CUDA graphs (UNSLOTH_BLOCK_CUDAGRAPHS=1), batches "
                 "padded to a multiple of 64 tokens so that a few shapes recur",
 }
@@ -60,20 +60,18 @@ MEDFT_OVERRIDES = {
     "C-mask": [],
     # The plan sized for 16-bit weights; FP8 weights take half of that. Compare with C at the same plan.
     "C-fp8": ["model.load_in_4bit=false"],
-    "C-fp8-eager": ["model.load_in_4bit=false"],
-    "C-eager": [],
+    "C-fp8-eager": ["model.load_in_4bit=false", "train.compile=false"],
+    "C-eager": ["train.compile=false"],
     "C-graphs": [],
 }
-#: Environment an arm sets in its own process before loading. The FP8 arm's first step ran over 90 s on an
-#: H100 (2026-12-06, docs/benchmarks.md), so its eager variant tells compiling from FP8 itself.
-#: CUDA graphs replay the launches of a whole block, for the host-bound 1.5B; unsloth records a graph set per
-#: shape and gives graphs up past 8 shapes, hence the padding to a multiple (about 4% more tokens here).
-#: The 8B's first two steps took about 30 s of a 60-step job's 62 s of training (run 7): C-eager weighs that.
-ARM_ENV = {"C-fp8-eager": {"UNSLOTH_BLOCK_COMPILE": "0"}, "C-eager": {"UNSLOTH_BLOCK_COMPILE": "0"},
-           "C-graphs": {"UNSLOTH_BLOCK_CUDAGRAPHS": "1"}}
+#: Environment an arm sets in its own process before loading. CUDA graphs replay the launches of a whole
+#: block, for the host-bound 1.5B; unsloth records a graph set per shape and gives graphs up past 8 shapes,
+#: hence the padding to a multiple (about 4% more tokens here).
+ARM_ENV = {"C-graphs": {"UNSLOTH_BLOCK_CUDAGRAPHS": "1"}}
 PAD_TO_MULTIPLE = {"C-graphs": 64}
-#: Every C arm runs the unsloth backend with medft's defaults, then its own overrides.
-MEDFT_DEFAULTS = ["model.backend=unsloth"]
+#: Every C arm runs the unsloth backend with medft's defaults, then its own overrides. The arms run a few dozen
+#: steps but measure the speed of long jobs, which compile their decoder blocks (``train.compile: auto``).
+MEDFT_DEFAULTS = ["model.backend=unsloth", "train.compile=true"]
 
 
 def _versions() -> dict[str, str]:
@@ -236,7 +234,7 @@ def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     results = []
     for gc in ("unsloth", False):
         plan = TrainPlan(batch_size=1, grad_accum=1, packing=True, gradient_checkpointing=gc,
-                         load_in_4bit=True, precision="bf16", optim="adamw_8bit")
+                         load_in_4bit=True, precision="bf16", optim="adamw_8bit", compile=True)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         model, _ = backend.load(weights, cfg, plan)

@@ -21,10 +21,11 @@ after the other, in one invocation:
   batches with their attention mask, which the train stage leaves out: see :class:`job.train.TrainCollator`).
   ``C-fp8`` loads the base in FP8 through Unsloth's ``load_in_fp8`` (a lever medft has no setting for: it
   ships only if it wins) over the plan for 16-bit weights, ``C-fp8-eager`` the same without Unsloth's
-  per-block ``torch.compile``; run them with ``--max-seq-length 1024`` on an H100, where 16-bit 8B fits.
-  ``C-graphs`` turns on Unsloth's per-block CUDA graphs, with batches padded to a multiple of 64 tokens so
-  that few shapes recur (a lever for the host-bound 1.5B). ``C-eager`` turns the per-block ``torch.compile``
-  off: each arm's ``step_seconds`` keeps every step, compiling ones included, to weigh what a short job saves.
+  per-block ``torch.compile`` (``train.compile=false``); run them with ``--max-seq-length 1024`` on an H100,
+  where 16-bit 8B fits. ``C-graphs`` turns on Unsloth's per-block CUDA graphs, with batches padded to a
+  multiple of 64 tokens so that few shapes recur (a lever for the host-bound 1.5B). Every C arm compiles the
+  decoder blocks, as a long job does (``train.compile=true``); ``C-eager`` does not, as a short job does:
+  each arm's ``step_seconds`` keeps every step, compiling ones included, to weigh what a short job saves.
 
 Measured per arm, over the optimizer steps after ``--warmup`` (the first steps compile kernels): non-padding
 tokens per second, seconds per optimizer step, tokens the model processed including padding, peak GPU memory
@@ -37,7 +38,9 @@ memory of the 16-24 GB cards the tutorials ran on, less what their display and C
 ``--whole-job`` times the reference recipe's whole job (8B, 500 rows, 60 steps of 2 x 4, evaluation before
 and after, merge, publish to a local store) with ``medft train``, after warming the caches;
 ``--whole-job-nproc 1,2`` runs it once per number of ranks (``medft train --nproc-per-node N``, data-parallel:
-:mod:`job.distributed`) on the same machine and compares training speed and the loss of every step.
+:mod:`job.distributed`) on the same machine and compares training speed and the loss of every step;
+``--whole-job-env NAME=VALUE`` sets a variable for the job only (a library's switch to weigh, such as
+``UNSLOTH_DECODE_CUDA_GRAPHS=1`` for the evaluate stage's answers: run the benchmark with and without it).
 
 Results: a JSON file (``--out``), a markdown table on stdout, per-arm logs under ``--work``.
 """
@@ -83,6 +86,7 @@ class Options:
     only_cap: bool
     whole_job: str
     whole_job_nproc: str
+    whole_job_env: tuple[str, ...]
     probe: str
     arm_timeout: float
     whole_job_timeout: float
@@ -335,8 +339,10 @@ def benchmark(a: Options, command: str) -> None:
     if a.whole_job:
         weights = report.data["prepared"][a.whole_job]["weights"]
         jobs = report.data["whole_job"] = []
+        job_env = {**env, **dict(item.split("=", 1) for item in a.whole_job_env)}
+        report.data["whole_job_env"] = list(a.whole_job_env)
         for nproc in [int(n) for n in a.whole_job_nproc.split(",") if n]:
-            jobs.append(_whole_job(a.whole_job, weights, work, env, timeout=a.whole_job_timeout, nproc=nproc))
+            jobs.append(_whole_job(a.whole_job, weights, work, job_env, timeout=a.whole_job_timeout, nproc=nproc))
             report.save()
             print(f"[bench] whole job, {nproc} rank(s):", json.dumps(jobs[-1], default=str)[:3000], flush=True)
         if len(jobs) > 1:
@@ -349,6 +355,14 @@ def benchmark(a: Options, command: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ command line
+
+def _name_values(items: tuple[str, ...]) -> tuple[str, ...]:
+    """``--whole-job-env`` values, each ``NAME=VALUE`` with a name; a bad one is a usage error naming it."""
+    for item in items:
+        if not item.partition("=")[0] or "=" not in item:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--whole-job-env")
+    return items
+
 
 @click.command(help=__doc__.split("\n\n")[0],
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
@@ -371,6 +385,8 @@ def benchmark(a: Options, command: str) -> None:
 @click.option("--arm-timeout", type=float, default=300)
 @click.option("--whole-job-timeout", type=float, default=900)
 @click.option("--whole-job-nproc", default="1", help="ranks to run the whole job on, each in turn, e.g. 1,2")
+@click.option("--whole-job-env", multiple=True, callback=lambda ctx, param, value: _name_values(value),
+              help="NAME=VALUE set for the whole job only; repeatable")
 @click.option("--work", default=lambda: os.environ.get("MEDFT_BENCH_WORK", "/tmp/medft-bench"),
               show_default="$MEDFT_BENCH_WORK or /tmp/medft-bench")
 @click.option("--out", default="bench-results.json")

@@ -187,6 +187,10 @@ class TrainConfig(_Section):
     """Padding-free batches (rows concatenated, no padding); ``auto`` lets the backend choose (unsloth measured
     padded batches faster, because it compiles its decoder for them)."""
     gradient_checkpointing: Literal["auto", "unsloth", "on", "off"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
+    """Unsloth's ``torch.compile`` of each decoder block (unsloth backend). Compiling makes the first steps
+    slow and every later one a little faster; ``auto`` compiles jobs of at least
+    :data:`job.backends.memory_plan.COMPILE_MIN_STEPS` optimizer steps, or trained by epochs."""
     checkpoint_every: int = Field(20, gt=0)
     logging_steps: int = Field(1, gt=0)
     report_to: tuple[Literal["wandb", "mlflow", "tensorboard"], ...] = ()

@@ -81,6 +81,7 @@ class TrainPlanRecord(_Record):
     load_in_4bit: bool | None = None
     precision: str | None = None  # "bf16", "fp16" or "fp32"
     optim: str | None = None
+    compile: bool | None = None  # unsloth's per-block torch.compile; None in records written before it
     reasons: dict[str, str] | None = None
 
 

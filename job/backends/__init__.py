@@ -30,6 +30,7 @@ class TrainPlan:
     load_in_4bit: bool
     precision: str  # "bf16", "fp16" or "fp32"
     optim: str
+    compile: bool = False  # unsloth's per-block torch.compile (train.compile)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def record(self) -> TrainPlanRecord:

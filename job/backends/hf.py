@@ -76,6 +76,8 @@ class HFBackend:
             "(on by default on GPU to save memory, off on CPU where memory is not the limit)")
         packing = cfg.train.packing is True
         reasons["packing"] = "packing only when train.packing is true on the hf backend (SDPA without varlen)"
+        if cfg.train.compile is True:
+            reasons["compile"] = "train.compile is unsloth's block compile: the hf backend runs eager"
         return TrainPlan(batch_size=batch_size, grad_accum=cfg.train.grad_accum, packing=packing,
                          gradient_checkpointing=checkpointing, load_in_4bit=load_in_4bit,
                          precision=precision, optim=optim, reasons=reasons)

@@ -1,4 +1,5 @@
-"""The unsloth backend's memory plan: which micro-batch, checkpointing, precision and optimizer fit this GPU.
+"""The unsloth backend's memory plan: which micro-batch, checkpointing, precision and optimizer fit this GPU,
+and whether the job is long enough to compile its decoder blocks.
 
 Pure functions over the GPU's facts and the model's shape, so the plan is unit-tested on a CPU.
 Planning (:meth:`UnslothBackend.plan`) reads the GPU's usable memory (its total, the per-process memory
@@ -61,6 +62,11 @@ LOSS_BYTES_PER_LOGIT = 4
 # expandable segments, which keeps it small), the odd temporary.
 HEADROOM_BYTES = int(0.5 * GIB)
 HEADROOM_FRACTION = 0.04
+
+#: ``train.compile: auto`` compiles unsloth's decoder blocks for jobs of at least this many optimizer steps.
+#: On the 8B (H100, docs/benchmarks.md run 10) compiling added about 17 s to the first step and then saved
+#: 0.02 s a step (0.444 against 0.465 s), so it pays back after about 800 steps; the recipe's job is 60.
+COMPILE_MIN_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -317,6 +323,19 @@ def _optim_reason(cfg: JobConfig, setting: Setting) -> str:
     return f"{optim} (auto): float32 moments would not fit the budget"
 
 
+def compile_setting(cfg: JobConfig) -> tuple[bool, str]:
+    """Whether to compile the decoder blocks (``train.compile``), and why."""
+    setting, steps = cfg.train.compile, cfg.train.max_steps
+    if setting != "auto":
+        return setting, f"{'on' if setting else 'off'} (train.compile)"
+    if steps == -1:
+        return True, "on (auto): trains by epochs, long enough for compiling to pay back"
+    if steps >= COMPILE_MIN_STEPS:
+        return True, f"on (auto): {steps} steps, at least {COMPILE_MIN_STEPS}, long enough to pay back compiling"
+    return False, (f"off (auto): {steps} steps, under {COMPILE_MIN_STEPS}: compiling would take longer than it "
+                   "saves")
+
+
 def _sized_reasons(cfg: JobConfig, space: SearchSpace, chosen: Setting, grad_accum: int,
                    peak: Callable[[Setting], int], budget: int, fits: bool) -> dict[str, str]:
     """Why each setting was chosen by the search over the model's shape."""
@@ -359,6 +378,8 @@ def plan_for(cfg: JobConfig, gpu: GpuFacts, shape: Architecture | None) -> Train
         chosen, fits = first_fit(space.candidates(), peak, budget)
         grad_accum = _grad_accum(cfg, space, chosen)
         reasons.update(_sized_reasons(cfg, space, chosen, grad_accum, peak, budget, fits))
+    compile_blocks, reasons["compile"] = compile_setting(cfg)
     return TrainPlan(batch_size=chosen.micro_batch, grad_accum=grad_accum, packing=cfg.train.packing is True,
                      gradient_checkpointing=chosen.gradient_checkpointing, load_in_4bit=chosen.load_in_4bit,
-                     precision="bf16" if gpu.bf16 else "fp16", optim=chosen.optim, reasons=reasons)
+                     precision="bf16" if gpu.bf16 else "fp16", optim=chosen.optim, compile=compile_blocks,
+                     reasons=reasons)

@@ -11,6 +11,8 @@ Environment, set only where the caller has not set it (``setdefault``):
 * ``HF_HOME``, ``TRITON_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, ``UNSLOTH_COMPILE_LOCATION``,
   ``XDG_CACHE_HOME``, ``CUDA_CACHE_PATH`` under ``$MEDFT_CACHE`` (default ``~/.cache/medft``), so that a
   container can run with a read-only root and one writable volume.
+* ``UNSLOTH_BLOCK_COMPILE`` is the exception: :meth:`UnslothBackend.load` sets it from the plan
+  (``train.compile``) whatever it was.
 * ``HF_HUB_OFFLINE`` is honoured as set; weights always load from the local directory the pull stage made
   (``local_files_only``), so nothing is downloaded here either way.
 
@@ -90,6 +92,8 @@ class UnslothBackend:
         from unsloth import FastLanguageModel
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
+        # Unsloth's documented switch, read when it patches the model and again at every decoder-block call.
+        os.environ["UNSLOTH_BLOCK_COMPILE"] = "1" if plan.compile else "0"
         model, unsloth_tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(weights_dir), max_seq_length=cfg.model.max_seq_length, dtype=dtype,
             load_in_4bit=plan.load_in_4bit, load_in_16bit=not plan.load_in_4bit, local_files_only=True,

@@ -245,7 +245,8 @@ def test_the_eval_before_training_through_the_inference_path_changes_no_training
     batch = {k: v.cuda() for k, v in TrainCollator(0, padding_free=False)(to_trainer_rows(rows)).items()}
 
     def checkpointing():
-        return [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        # Truthiness: get_peft_model sets True, for_training the recorded mode's name ("unsloth").
+        return [bool(m.gradient_checkpointing) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     def loss_and_grad():
         model.zero_grad(set_to_none=True)

@@ -46,3 +46,29 @@ def test_no_comparison_without_a_one_rank_job_that_trained():
     assert compare_ranks([two]) == []
     failed_one = {"nproc": 1, "exit_code": 1, "stage_seconds": {}}
     assert compare_ranks([failed_one, two]) == []
+
+
+def test_whole_job_env_reaches_the_job_and_takes_name_value_pairs_only(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from benchmarks import train
+
+    bad = CliRunner().invoke(train.command, ["--whole-job-env", "UNSLOTH_DECODE_CUDA_GRAPHS"], obj=[])
+    assert bad.exit_code == 2 and "is not NAME=VALUE" in bad.output
+    seen: list[tuple[list[str], dict[str, str]]] = []
+
+    def run(args, log, timeout, env):  # the processes the benchmark would start, recorded instead
+        seen.append((args, env))
+        log.write_text("")
+        return 0
+
+    monkeypatch.setattr(train, "_subprocess", run)
+    monkeypatch.setattr(train, "_prepare_model", lambda key, work, env, timeout: {
+        "weights": str(tmp_path / "w"), "save_s": 0.0, "matmul_tflops": 1.0})
+    ok = CliRunner().invoke(train.command, ["--models", "", "--whole-job", "tiny-llama",
+                                            "--whole-job-env", "UNSLOTH_DECODE_CUDA_GRAPHS=1", "--whole-job-env", "A=b=c",
+                                            "--work", str(tmp_path), "--out", str(tmp_path / "r.json")], obj=[])
+    assert ok.exit_code == 0, ok.output
+    job = [env for args, env in seen if "job.cli" in args]
+    assert len(job) == 1 and job[0]["UNSLOTH_DECODE_CUDA_GRAPHS"] == "1" and job[0]["A"] == "b=c"
+    assert json.loads((tmp_path / "r.json").read_text())["whole_job_env"] == ["UNSLOTH_DECODE_CUDA_GRAPHS=1", "A=b=c"]

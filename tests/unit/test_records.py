@@ -118,6 +118,13 @@ def test_the_stored_plan_has_the_train_plans_keys_and_values() -> None:
     assert version.plan == PLAN.record() and version.trained_in_4bit
 
 
+def test_a_plan_stored_before_train_compile_reads_back_without_it() -> None:
+    written = dump(_pipeline_record())
+    del written["metrics"]["plan"]["compile"]
+    back = parse_record(RunRecord, written, WHERE)
+    assert back.metrics.plan.compile is None and dump(back) == written  # nothing added on the way back
+
+
 # --- benchmark scores ---------------------------------------------------------------------------------------
 
 

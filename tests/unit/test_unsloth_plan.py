@@ -3,7 +3,15 @@
 import pytest
 
 from job import architectures
-from job.backends.memory_plan import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, GpuFacts, estimate_peak_bytes, plan_for
+from job.backends.memory_plan import (
+    COMPILE_MIN_STEPS,
+    GIB,
+    HEADROOM_BYTES,
+    HEADROOM_FRACTION,
+    GpuFacts,
+    estimate_peak_bytes,
+    plan_for,
+)
 from job.config import load_config
 
 
@@ -109,3 +117,26 @@ def test_configured_values_are_kept_and_an_unknown_shape_keeps_the_recipe():
     unknown = plan_for(_cfg(), _gpu(139, bf16=False), None)
     assert (unknown.batch_size, unknown.grad_accum, unknown.precision) == (2, 4, "fp16")
     assert (unknown.load_in_4bit, unknown.optim) == (True, "adamw_8bit")
+
+
+@pytest.mark.parametrize(("overrides", "compiled", "why"), [
+    ((), False, "off (auto): 60 steps"),  # the recipe's job: compiling costs more than it saves
+    ((f"train.max_steps={COMPILE_MIN_STEPS - 1}",), False, "off (auto)"),
+    ((f"train.max_steps={COMPILE_MIN_STEPS}",), True, "on (auto)"),
+    (("train.max_steps=-1", "train.epochs=0.5"), True, "on (auto): trains by epochs"),
+    (("train.compile=true",), True, "on (train.compile)"),
+    (("train.compile=false", "train.max_steps=5000"), False, "off (train.compile)"),
+])
+def test_only_jobs_long_enough_to_pay_it_back_compile_their_decoder_blocks(overrides, compiled, why):
+    for shape in (LLAMA8B, None):  # sized or not, the decision is the job's length
+        plan = plan_for(_cfg(*overrides), _gpu(80), shape)
+        assert plan.compile is compiled and plan.reasons["compile"].startswith(why)
+        assert plan.record().compile is compiled  # stored with the run
+
+
+def test_the_hf_backend_never_compiles_and_says_so_when_asked():
+    from job.backends.hf import HFBackend
+
+    assert HFBackend().plan(_cfg()).compile is False and "compile" not in HFBackend().plan(_cfg()).reasons
+    asked = HFBackend().plan(_cfg("train.compile=true"))
+    assert asked.compile is False and "runs eager" in asked.reasons["compile"]
