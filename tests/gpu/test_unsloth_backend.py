@@ -277,3 +277,27 @@ def test_the_eval_before_training_through_the_inference_path_changes_no_training
     assert again == pytest.approx(loss, rel=1e-3)
     assert (again_grads - grads).norm() <= 1e-2 * grads.norm()
     assert not any(hasattr(m, "paged_attention") for m in model.modules())  # memory training does not budget
+
+
+def test_the_plan_decides_whether_unsloth_compiles_the_decoder_blocks(tiny_weights: Path):
+    """``train.compile`` reaches unsloth: compiled decoder blocks mark themselves checked after their first
+    compiled call (unsloth's ``_block_compile``); eager ones never run that path."""
+    import torch
+
+    from job.backends.unsloth import UnslothBackend
+    from job.train import TrainCollator, to_trainer_rows
+
+    rows = to_trainer_rows(synthetic_rows(architectures.TINY_LLAMA, 2, seed=23))
+    batch = {k: v.cuda() for k, v in TrainCollator(0, padding_free=False)(rows).items()}
+    for setting, compiled in (("false", False), ("true", True)):
+        cfg = _config(f"model.base={tiny_weights}", "model.max_seq_length=1024", f"train.compile={setting}")
+        backend = UnslothBackend()
+        plan = backend.plan(cfg)
+        assert plan.compile is compiled
+        model, _ = backend.load(tiny_weights, cfg, plan)
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(**batch).loss.backward()
+        layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert layers and all(bool(layer.__dict__.get("_unsloth_block_checked")) is compiled for layer in layers)
+        del model
