@@ -121,7 +121,7 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
         shutil.rmtree(answers_dir, ignore_errors=True)
         with stage("eval_before"):
             if ranks.writer:  # the other ranks only train
-                # The same inference path as after training: comparable numbers, and unsloth's fast decoding.
+                # The inference path the evaluation after training takes: the two are comparable.
                 inference_model = backend.for_inference(peft_model)
                 before = evaluate.evaluate(inference_model, tokenizer, prepared.eval, cfg, "before")
                 benchmarks_before = score_job_benchmarks(inference_model, tokenizer, cfg, benchmark_suite, "before",
