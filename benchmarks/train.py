@@ -40,7 +40,7 @@ and after, merge, publish to a local store) with ``medft train``, after warming 
 ``--whole-job-nproc 1,2`` runs it once per number of ranks (``medft train --nproc-per-node N``, data-parallel:
 :mod:`job.distributed`) on the same machine and compares training speed and the loss of every step;
 ``--whole-job-env NAME=VALUE`` sets a variable for the job only (a library's switch to weigh, such as
-``UNSLOTH_DECODE_CUDA_GRAPHS=1`` for the evaluate stage's answers: run the benchmark with and without it).
+``UNSLOTH_DECODE_CUDA_GRAPHS=0``, which turns off the decode graphs the job uses for its answers).
 
 Results: a JSON file (``--out``), a markdown table on stdout, per-arm logs under ``--work``.
 """

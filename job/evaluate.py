@@ -99,9 +99,9 @@ def answers(model: Any, tokenizer: Any, cfg: JobConfig) -> list[dict[str, str]]:
     engine (:func:`job.inference.batching.generate_many`) that scores benchmarks: its steps cost about the same
     for 2 answers as for 200 (measured on an H200: 23.5 s for 2 answers of 256 tokens with the training-mode
     model, no faster than its ``generate``), and a job asks only a few questions. The pipeline passes the model
-    through its backend's ``for_inference`` first, before training as after (unsloth's decoding: 20 s for 2
-    answers of up to 256 tokens on the 8B, docs/benchmarks.md run 10). The model is in eval mode meanwhile and
-    left in the mode it had.
+    through its backend's ``for_inference`` first, before training as after (unsloth's decoding with its CUDA
+    graphs: 5.5 to 6.3 s for 2 answers of up to 256 tokens on the 8B, docs/benchmarks.md run 11). The model is
+    in eval mode meanwhile and left in the mode it had.
     """
     template = get_template(cfg.data.template)
     prompts = [template.encode_prompt(q, tokenizer) for q in cfg.eval.questions]

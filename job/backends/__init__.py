@@ -67,8 +67,8 @@ class TrainingBackend(Protocol):
         ...
 
     def for_training(self, model: Any) -> Any:
-        """Undo :meth:`for_inference` on a model that goes on training: training mode, and the gradient
-        checkpointing its plan chose at :meth:`load`. Returns the model."""
+        """Undo :meth:`for_inference` on a model that goes on training: training mode, the gradient
+        checkpointing its plan chose at :meth:`load`, and no decoding state left on the GPU. Returns the model."""
         ...
 
     def load_for_inference(self, weights_dir: Path, *, max_seq_length: int, load_in_4bit: bool = False,

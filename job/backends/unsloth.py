@@ -13,6 +13,10 @@ Environment, set only where the caller has not set it (``setdefault``):
   container can run with a read-only root and one writable volume.
 * ``UNSLOTH_BLOCK_COMPILE`` is the exception: :meth:`UnslothBackend.load` sets it from the plan
   (``train.compile``) whatever it was.
+* ``UNSLOTH_DECODE_CUDA_GRAPHS=1``, set by :meth:`UnslothBackend.load` (the training job) where unset: the
+  evaluate stage's answers replay each one-token decode step as CUDA graphs, which unsloth computes bit for bit
+  as its eager step (Llama and Qwen3 layers; others decode eagerly). The 8B job's two answers of 256 tokens
+  took 5.5 and 6.3 s with it, 12.4 and 11.4 s without (docs/benchmarks.md, run 11). ``0`` turns it off.
 * ``HF_HUB_OFFLINE`` is honoured as set; weights always load from the local directory the pull stage made
   (``local_files_only``), so nothing is downloaded here either way.
 
@@ -94,6 +98,8 @@ class UnslothBackend:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
         # Unsloth's documented switch, read when it patches the model and again at every decoder-block call.
         os.environ["UNSLOTH_BLOCK_COMPILE"] = "1" if plan.compile else "0"
+        # Read by unsloth's generate at every call; the graphs and their buffers go in for_training.
+        os.environ.setdefault("UNSLOTH_DECODE_CUDA_GRAPHS", "1")
         model, unsloth_tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(weights_dir), max_seq_length=cfg.model.max_seq_length, dtype=dtype,
             load_in_4bit=plan.load_in_4bit, load_in_16bit=not plan.load_in_4bit, local_files_only=True,
@@ -157,9 +163,12 @@ class UnslothBackend:
 
     def for_training(self, model: Any) -> Any:
         from unsloth import FastLanguageModel
+        from unsloth.models import _decode_graphs
 
+        # Unsloth frees the decode graphs and KV buffers only when its own generate restores training mode;
+        # generate ran in inference mode here, so free them before training budgets the memory.
+        _decode_graphs.release_for_training(model)
         # No use_gradient_checkpointing: unsloth then keeps the mode get_peft_model recorded (the plan's).
-        # The decode buffers generation left on the attention layers go at the first training forward.
         FastLanguageModel.for_training(model)
         return model
 

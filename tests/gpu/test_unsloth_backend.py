@@ -6,6 +6,7 @@ is collected and every test is skipped (tests/gpu/conftest.py).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -172,8 +173,9 @@ def test_unsloth_trains_a_tiny_model_padding_free_in_4_bit(tiny_weights: Path, t
     assert len(losses) == 8 and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("compile_blocks", ["false", "true"])  # false: what train.compile auto gives a short job
 def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: pytest.TempPathFactory,
-                                                              tmp_path: Path):
+                                                              tmp_path: Path, compile_blocks: str):
     import gc
 
     import torch
@@ -183,11 +185,11 @@ def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: p
     from job.train import fit
 
     arch = architectures.QWEN_1_5B
-    weights = save_random_checkpoint(arch, tmp_path_factory.mktemp("qwen1.5b"), seed=0)
+    weights = save_random_checkpoint(arch, tmp_path_factory.getbasetemp() / "qwen1.5b", seed=0)  # one for both
     gc.collect()
     held_before = torch.cuda.memory_allocated()  # what earlier tests left is not this model's to count
     cfg = _config(f"model.base={weights}", "train.batch_size=auto", "train.max_steps=3",
-                  "train.checkpoint_every=1000")
+                  "train.checkpoint_every=1000", f"train.compile={compile_blocks}")
     backend = select_backend(cfg)
     plan = backend.plan(cfg)
     model, tokenizer = backend.load(weights, cfg, plan)
@@ -224,11 +226,12 @@ def test_unsloth_loads_a_model_for_inference_that_generates(tiny_weights: Path):
     assert out.shape == (1, 20) and torch.equal(out[0, :16], prompt[0])
 
 
-def test_the_eval_before_training_through_the_inference_path_changes_no_training_step(tiny_weights: Path):
+def test_the_eval_before_training_through_the_inference_path_changes_no_training_step(
+        tiny_weights: Path, monkeypatch: pytest.MonkeyPatch):
     """The pipeline evaluates before training on ``for_inference``'s model (eval loss, greedy answers), then calls
     ``for_training``. The eval loss must be what the training-mode model gives; the next training step must
-    compute what it computes without the detour, with the plan's gradient checkpointing; and the decode buffers
-    generation left on the attention layers must be gone after it."""
+    compute what it computes without the detour, with the plan's gradient checkpointing; the answers must be the
+    same with decode graphs as without; and the decode buffers generation left must be gone after it."""
     import torch
 
     from job import evaluate
@@ -266,17 +269,25 @@ def test_the_eval_before_training_through_the_inference_path_changes_no_training
     assert not inference.training
     assert evaluate.eval_loss(inference, rows, 0) == pytest.approx(training_mode_eval, rel=1e-2)
     prompt = torch.tensor([rows[0]["input_ids"][:32]], device="cuda")
-    with torch.no_grad():
-        out = inference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                 min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 40)
+
+    def answer() -> torch.Tensor:
+        with torch.no_grad():
+            return inference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                      min_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    assert os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"] == "1"  # load's default: the decode steps replay graphs
+    graphed = answer()
+    assert any(m.__dict__.get("_unsloth_graph_buffers") is not None for m in model.modules())
+    monkeypatch.setenv("UNSLOTH_DECODE_CUDA_GRAPHS", "0")
+    assert graphed.shape == (1, 40) and torch.equal(graphed, answer())  # the eager steps give the same tokens
     assert backend.for_training(model) is model
 
     assert model.training and checkpointing() == armed
     again, again_grads = loss_and_grad()
     assert again == pytest.approx(loss, rel=1e-3)
     assert (again_grads - grads).norm() <= 1e-2 * grads.norm()
-    assert not any(hasattr(m, "paged_attention") for m in model.modules())  # memory training does not budget
+    # Memory training does not budget: the eager decode buffers and the graphs' own.
+    assert not any(hasattr(m, "paged_attention") or "_unsloth_graph_buffers" in m.__dict__ for m in model.modules())
 
 
 def test_the_plan_decides_whether_unsloth_compiles_the_decoder_blocks(tiny_weights: Path):
