@@ -136,8 +136,10 @@ def run(config_path: str | None, overrides: tuple[str, ...], *, dry_run: bool = 
             log.info("run.rank_done", run_id=run.run_id, steps=result.steps)
             return
         with stage("eval_after"):
-            after = evaluate.evaluate(backend.for_inference(peft_model), tokenizer, prepared.eval, cfg, "after")
-            benchmarks_after = score_job_benchmarks(peft_model, tokenizer, cfg, benchmark_suite, "after", answers_dir)
+            inference_model = backend.for_inference(peft_model)
+            after = evaluate.evaluate(inference_model, tokenizer, prepared.eval, cfg, "after")
+            benchmarks_after = score_job_benchmarks(inference_model, tokenizer, cfg, benchmark_suite, "after",
+                                                    answers_dir)
         trackers.check()  # one that went down while training is skipped now, and the record says so
         boundary("after training (the last checkpoint holds the trained adapter)")
         out = run.work_dir / "export"
