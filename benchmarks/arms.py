@@ -33,6 +33,8 @@ ARMS = {
     "C-log10": "medft, defaults but train.logging_steps=10",
     "C-mb2": "medft, defaults but train.batch_size=2",
     "C-packed": "medft, defaults but train.packing=true (padding-free)",
+    "C-packed-eager": "medft, defaults but train.packing=true and train.compile=false: padding-free as a short "
+                      "job would run it",
     "C-grouped": "medft, defaults but padded steps of similar-length rows (group_by_length sampler)",
     "C-gc": "medft, defaults but train.gradient_checkpointing=unsloth",
     "C-mask": "medft, defaults but padded batches keep their attention mask (put back by the benchmark)",
@@ -55,6 +57,7 @@ MEDFT_OVERRIDES = {
     "C-log10": ["train.logging_steps=10"],
     "C-mb2": ["train.batch_size=2"],
     "C-packed": ["train.packing=true"],
+    "C-packed-eager": ["train.packing=true", "train.compile=false"],
     "C-grouped": [],
     "C-gc": ["train.gradient_checkpointing=unsloth"],
     "C-mask": [],
@@ -122,8 +125,19 @@ def _arm_medft(spec: dict[str, Any], rows: list[dict[str, list[int]]], meter: Me
                  work_dir=Path(spec["work"]) / "trainer")
     return {"load_s": load_s, "grad_accum": plan.grad_accum, "micro_batch": plan.batch_size,
             "plan": {k: v for k, v in plan.__dict__.items()}, "overrides": overrides,
+            "estimate_gib": _plan_estimate(spec["model"], cfg, plan, max(meter.fed, default=0)) / GIB,
             "fit_tokens_per_s": result.tokens_per_s, "fit_wall_s": result.wall_s, "fp8_weights": _fp8_weights(model),
             **_gpu_memory(torch)}
+
+
+def _plan_estimate(model_key: str, cfg: Any, plan: Any, tokens: int) -> int:
+    """The memory plan's estimate for the largest micro-batch the arm trained (``tokens``, padding included), to
+    set beside its measured peak: a plan built on an estimate below the peak can run out of memory."""
+    from job.backends.memory_plan import estimate_peak_bytes
+
+    return estimate_peak_bytes(architectures.get(model_key), tokens=tokens, load_in_4bit=plan.load_in_4bit,
+                               checkpointing=plan.gradient_checkpointing, lora_r=cfg.lora.r,
+                               target_modules=cfg.lora.target_modules, optim=plan.optim)
 
 
 def _load_in_fp8() -> None:

@@ -42,6 +42,22 @@ def synthetic_rows(arch: Architecture, n: int, seed: int = 0) -> list[dict[str, 
     return rows
 
 
+def full_length_rows(arch: Architecture, n: int, tokens: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """``n`` rows of exactly ``tokens`` tokens each (the rows of :func:`synthetic_rows` with their reasoning
+    lengthened or cut): the worst case the memory plan sizes a micro-batch for, every row at
+    ``model.max_seq_length``. Raises ValueError when ``tokens`` cannot hold a prompt and an EOS."""
+    out = []
+    for row in synthetic_rows(arch, n, seed):
+        prompt = row["completion_mask"].count(0)
+        if tokens < prompt + 1:
+            raise ValueError(f"{tokens} tokens cannot hold a {prompt}-token prompt and an EOS")
+        ids = _token_sampler(arch, random.Random(seed * 7919 + len(out)))
+        body = (row["input_ids"][prompt:-1] + ids(tokens))[: tokens - prompt - 1]
+        out.append({"input_ids": row["input_ids"][:prompt] + body + [arch.eos_token_id],
+                    "completion_mask": [0] * prompt + [1] * (tokens - prompt)})
+    return out
+
+
 def synthetic_records(arch: Architecture, n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` raw rows (Question / Complex_CoT / Response) of ``t<N>`` words, which the synthetic tokenizer of
     :func:`benchmarks.models.build_tokenizer` maps one word to one token, so lengths match the real data."""

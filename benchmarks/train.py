@@ -26,12 +26,16 @@ after the other, in one invocation:
   multiple of 64 tokens so that few shapes recur (a lever for the host-bound 1.5B). Every C arm compiles the
   decoder blocks, as a long job does (``train.compile=true``); ``C-eager`` does not, as a short job does:
   each arm's ``step_seconds`` keeps every step, compiling ones included, to weigh what a short job saves.
+  ``C-packed-eager`` is padding-free as a short job would run it, to set beside ``C-eager``.
 
 Measured per arm, over the optimizer steps after ``--warmup`` (the first steps compile kernels): non-padding
 tokens per second, seconds per optimizer step, tokens the model processed including padding, peak GPU memory
 (PyTorch's allocator: allocated and reserved), and model FLOPs utilization: tokens/s x 4 x the parameters
 outside the input embedding (:func:`benchmarks.models.train_flops_per_token`) over the bf16 rate that an
 8192 x 8192 x 8192 matmul reaches on the same GPU in the same invocation.
+
+``--row-tokens 2048`` makes every row exactly that long, the worst case the memory plan sizes a micro-batch
+for: each medft arm's peak is then set beside the plan's estimate for the largest micro-batch it trained.
 
 ``--cap-gib 8`` repeats the chosen arms under ``torch.cuda.set_per_process_memory_fraction`` (the GPU
 memory of the 16-24 GB cards the tutorials ran on, less what their display and CUDA context take), and
@@ -62,7 +66,7 @@ import click
 
 from benchmarks.arms import ARMS, run_arm, run_probe
 from benchmarks.models import train_flops_per_token
-from benchmarks.rows import synthetic_records, synthetic_rows
+from benchmarks.rows import full_length_rows, synthetic_records, synthetic_rows
 from job import architectures
 
 MODULE = "benchmarks.train"
@@ -79,6 +83,7 @@ class Options:
     warmup: int
     trace_steps: int
     rows: int
+    row_tokens: int
     max_seq_length: int
     cap_gib: float
     cap_arms: str
@@ -221,8 +226,8 @@ def _whole_job(key: str, weights: str, work: Path, env: dict[str, str], timeout:
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table; ``x B`` is tokens/s over arm B's in the same run and memory cap."""
-    head = ("| model | arm | cap GiB | tokens/s | s/step | x B | peak alloc GiB | peak reserved GiB | MFU | "
-            "micro x accum | padding | load s |")
+    head = ("| model | arm | cap GiB | tokens/s | s/step | x B | peak alloc GiB | plan's estimate GiB | "
+            "peak reserved GiB | MFU | micro x accum | padding | load s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = {(r["model"], r.get("cap_gib")): r["tokens_per_s"] for r in results
             if r.get("arm") == "B" and "error" not in r}
@@ -235,10 +240,15 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
         lines.append(
             f"| {r['model']} | {r['arm']} | {cap} | {r['tokens_per_s']:,.0f} | {r['seconds_per_step']:.3f} | "
-            f"{ratio} | {r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | "
+            f"{ratio} | {r['peak_allocated_gib']:.2f} | {_gib(r.get('estimate_gib'))} | "
+            f"{r['peak_reserved_gib']:.1f} | "
             f"{r.get('mfu', 0):.1%} | {r['micro_batch']} x {r['grad_accum']} | "
             f"{r['padding_share'] or 0:.0%} | {r['load_s']:.0f} |")
     return "\n".join(lines)
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def arm_plan(models: list[str], arms: str, cap_gib: float, cap_models: str, cap_arms: str,
@@ -313,7 +323,10 @@ def _benchmark_model(key: str, plan: list[tuple[str, str, float]], a: Options, w
     """Write ``key``'s checkpoint and rows, then run its arms in ``plan``."""
     prep = _prepare_model(key, work, env, a.arm_timeout)
     rows_path = work / f"rows-{key}.json"
-    rows_path.write_text(json.dumps(synthetic_rows(architectures.get(key), a.rows, seed=1)))
+    arch = architectures.get(key)
+    rows = (full_length_rows(arch, a.rows, a.row_tokens, seed=1) if a.row_tokens
+            else synthetic_rows(arch, a.rows, seed=1))
+    rows_path.write_text(json.dumps(rows))
     report.data["prepared"][key] = {**prep, "rows": str(rows_path)}
     print(f"[bench] {key}: checkpoint in {prep['save_s']:.0f} s; 8192^3 bf16 matmul "
           f"{prep['matmul_tflops']:.0f} TFLOP/s", flush=True)
@@ -375,6 +388,9 @@ def _name_values(items: tuple[str, ...]) -> tuple[str, ...]:
               help="profile this many of the last warm-up steps of each arm (fewer than --warmup); the table of "
                    "ops by device time goes to result-<arm>-<model>.trace.txt under --work")
 @click.option("--rows", type=int, default=512)
+@click.option("--row-tokens", type=click.IntRange(min=0), default=0,
+              help="every arm's rows exactly this long (e.g. 2048: the worst case the memory plan sizes for, "
+                   "to set each arm's peak beside the plan's estimate); 0: rows shaped like the real data")
 @click.option("--max-seq-length", type=int, default=2048)
 @click.option("--cap-gib", type=float, default=0.0, help="also run --cap-arms on --cap-models, capped")
 @click.option("--cap-arms", default="B,C")
