@@ -1,5 +1,5 @@
-"""The benchmark's worst-case rows (``--row-tokens``), the plan's estimate beside each arm's peak, the import
-timing arms (``benchmarks.import_profile --time``)."""
+"""The benchmark's worst-case rows (``--row-tokens``), the plan's estimate beside each arm's peak, and the
+import timing arms (``benchmarks.import_profile --time``)."""
 
 from __future__ import annotations
 
