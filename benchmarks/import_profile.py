@@ -24,16 +24,15 @@ from pathlib import Path
 
 import click
 
+from benchmarks.train import name_values
+
 _TIMED = ("import time; t = time.perf_counter(); from job.backends.unsloth import import_unsloth; import_unsloth(); "
           "print(time.perf_counter() - t)")
 
 
 def _arm_env(arm: str) -> dict[str, str]:
     """``arm``'s variables (``NAME=VALUE ...``, ``-`` for none); a malformed one is a usage error naming it."""
-    items = [] if arm.strip() in ("", "-") else arm.split()
-    if any(not name or not sep for name, sep, _ in (item.partition("=") for item in items)):
-        raise click.BadParameter(f"{arm!r} is not a list of NAME=VALUE", param_hint="--time")
-    return dict(item.split("=", 1) for item in items)
+    return name_values([] if arm.strip() in ("", "-") else arm.split(), "--time")
 
 
 def time_imports(arms: tuple[str, ...], repeat: int) -> list[dict[str, object]]:

@@ -57,7 +57,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,7 +352,7 @@ def benchmark(a: Options, command: str) -> None:
     if a.whole_job:
         weights = report.data["prepared"][a.whole_job]["weights"]
         jobs = report.data["whole_job"] = []
-        job_env = {**env, **dict(item.split("=", 1) for item in a.whole_job_env)}
+        job_env = {**env, **name_values(a.whole_job_env, "--whole-job-env")}
         report.data["whole_job_env"] = list(a.whole_job_env)
         for nproc in [int(n) for n in a.whole_job_nproc.split(",") if n]:
             jobs.append(_whole_job(a.whole_job, weights, work, job_env, timeout=a.whole_job_timeout, nproc=nproc))
@@ -369,11 +369,19 @@ def benchmark(a: Options, command: str) -> None:
 
 # ------------------------------------------------------------------------------------------ command line
 
-def _name_values(items: tuple[str, ...]) -> tuple[str, ...]:
-    """``--whole-job-env`` values, each ``NAME=VALUE`` with a name; a bad one is a usage error naming it."""
+def name_values(items: Iterable[str], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` items (environment for a process the benchmark starts) as a mapping; one without a name or
+    an ``=`` is a usage error naming it and ``option``."""
+    items = list(items)
     for item in items:
         if not item.partition("=")[0] or "=" not in item:
-            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--whole-job-env")
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint=option)
+    return dict(item.split("=", 1) for item in items)
+
+
+def _checked_env(items: tuple[str, ...]) -> tuple[str, ...]:
+    """``--whole-job-env``'s values, kept as given for the report once :func:`name_values` accepts them."""
+    name_values(items, "--whole-job-env")
     return items
 
 
@@ -401,7 +409,7 @@ def _name_values(items: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--arm-timeout", type=float, default=300)
 @click.option("--whole-job-timeout", type=float, default=900)
 @click.option("--whole-job-nproc", default="1", help="ranks to run the whole job on, each in turn, e.g. 1,2")
-@click.option("--whole-job-env", multiple=True, callback=lambda ctx, param, value: _name_values(value),
+@click.option("--whole-job-env", multiple=True, callback=lambda ctx, param, value: _checked_env(value),
               help="NAME=VALUE set for the whole job only; repeatable")
 @click.option("--work", default=lambda: os.environ.get("MEDFT_BENCH_WORK", "/tmp/medft-bench"),
               show_default="$MEDFT_BENCH_WORK or /tmp/medft-bench")

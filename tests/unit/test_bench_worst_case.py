@@ -60,7 +60,7 @@ def test_import_timing_arms_take_name_value_lists_and_refuse_anything_else():
     assert import_profile._arm_env("-") == {}
     assert import_profile._arm_env("A=1 B=x=y") == {"A": "1", "B": "x=y"}
     bad = CliRunner().invoke(import_profile.main, ["--time", "UNSLOTH_DISABLE_VENDORED_FLA"])
-    assert bad.exit_code == 2 and "is not a list of NAME=VALUE" in bad.output
+    assert bad.exit_code == 2 and "'UNSLOTH_DISABLE_VENDORED_FLA' is not NAME=VALUE" in bad.output
 
 
 def test_import_timing_arms_take_turns_and_a_failed_import_is_reported(monkeypatch: pytest.MonkeyPatch,
