@@ -133,11 +133,9 @@ def _arm_medft(spec: dict[str, Any], rows: list[dict[str, list[int]]], meter: Me
 def _plan_estimate(model_key: str, cfg: Any, plan: Any, tokens: int) -> int:
     """The memory plan's estimate for the largest micro-batch the arm trained (``tokens``, padding included), to
     set beside its measured peak: a plan built on an estimate below the peak can run out of memory."""
-    from job.backends.memory_plan import estimate_peak_bytes
+    from job.backends.memory_plan import micro_batch_peak
 
-    return estimate_peak_bytes(architectures.get(model_key), tokens=tokens, load_in_4bit=plan.load_in_4bit,
-                               checkpointing=plan.gradient_checkpointing, lora_r=cfg.lora.r,
-                               target_modules=cfg.lora.target_modules, optim=plan.optim)
+    return micro_batch_peak(cfg, architectures.get(model_key), plan, tokens)
 
 
 def _load_in_fp8() -> None:

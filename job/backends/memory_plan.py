@@ -214,11 +214,18 @@ def search_space(cfg: JobConfig) -> SearchSpace:
         rows_per_step=rows_per_step)
 
 
+def micro_batch_peak(cfg: JobConfig, shape: Architecture, chosen: Setting | TrainPlan, tokens: int) -> int:
+    """Estimated peak bytes of one micro-batch of ``tokens`` tokens (padding included) trained with ``chosen``'s
+    weights, checkpointing and optimizer and ``cfg``'s LoRA: what a plan is sized by, and what a measured peak
+    is held against."""
+    return estimate_peak_bytes(shape, tokens=tokens, load_in_4bit=chosen.load_in_4bit,
+                               checkpointing=chosen.gradient_checkpointing, lora_r=cfg.lora.r,
+                               target_modules=cfg.lora.target_modules, optim=chosen.optim)
+
+
 def setting_peak(cfg: JobConfig, shape: Architecture, setting: Setting) -> int:
     """Estimated peak bytes of ``setting``'s worst-case micro-batch: every row ``model.max_seq_length`` long."""
-    return estimate_peak_bytes(shape, tokens=setting.micro_batch * cfg.model.max_seq_length,
-                               load_in_4bit=setting.load_in_4bit, checkpointing=setting.gradient_checkpointing,
-                               lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules, optim=setting.optim)
+    return micro_batch_peak(cfg, shape, setting, setting.micro_batch * cfg.model.max_seq_length)
 
 
 def first_fit(candidates: list[Setting], peak: Callable[[Setting], int], budget: int) -> tuple[Setting, bool]:

@@ -69,7 +69,7 @@ def test_plan_reads_this_gpu_and_says_why():
 def test_a_per_process_memory_cap_is_what_the_plan_sizes_for():
     import torch
 
-    from job.backends.memory_plan import _budget, estimate_peak_bytes, gpu_facts
+    from job.backends.memory_plan import _budget, gpu_facts, micro_batch_peak
     from job.backends.unsloth import UnslothBackend
 
     if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
@@ -86,9 +86,7 @@ def test_a_per_process_memory_cap_is_what_the_plan_sizes_for():
     # 8B at 2048 tokens on 8 GiB: 4-bit, checkpointing (offloaded) and the recipe's 8 rows per step; it fits.
     assert plan.gradient_checkpointing == "unsloth" and plan.load_in_4bit
     assert plan.batch_size * plan.grad_accum == 8
-    need = estimate_peak_bytes(architectures.LLAMA_8B, tokens=plan.batch_size * 2048, load_in_4bit=True,
-                               checkpointing="unsloth", lora_r=16, target_modules=architectures.PROJECTIONS,
-                               optim=plan.optim)
+    need = micro_batch_peak(cfg, architectures.LLAMA_8B, plan, plan.batch_size * cfg.model.max_seq_length)
     assert need <= _budget(gpu), plan.reasons["batch_size"]
 
 
@@ -184,7 +182,7 @@ def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: p
     import torch
 
     from job.backends import select_backend
-    from job.backends.memory_plan import estimate_peak_bytes
+    from job.backends.memory_plan import micro_batch_peak
     from job.train import fit
 
     arch = architectures.QWEN_1_5B
@@ -206,9 +204,7 @@ def test_qwen2_1_5b_shape_trains_within_its_estimated_memory(tmp_path_factory: p
     lora_after, _ = _lora_and_base(model)
     assert sum(not lora_after[n].equal(lora_before[n]) for n in lora_before) >= len(lora_before) // 2
     # The planner's estimate for the largest micro-batch trained bounds the real peak: plans built on it fit.
-    estimate = estimate_peak_bytes(arch, tokens=max(meter.fed), load_in_4bit=plan.load_in_4bit,
-                                   checkpointing=plan.gradient_checkpointing, lora_r=cfg.lora.r,
-                                   target_modules=cfg.lora.target_modules, optim=plan.optim)
+    estimate = micro_batch_peak(cfg, arch, plan, max(meter.fed))
     used = result.peak_gpu_mem_gib * GIB - held_before
     assert used <= estimate, (plan, max(meter.fed), held_before / GIB, result.peak_gpu_mem_gib, estimate / GIB)
 

@@ -10,6 +10,7 @@ from job.backends.memory_plan import (
     HEADROOM_FRACTION,
     GpuFacts,
     estimate_peak_bytes,
+    micro_batch_peak,
     plan_for,
 )
 from job.config import load_config
@@ -49,8 +50,7 @@ def test_an_8_gib_card_fits_by_checkpointing_and_keeps_8_rows_per_step():
     plan = plan_for(_cfg(), _gpu(8), LLAMA8B)
     assert plan.gradient_checkpointing == "unsloth" and plan.load_in_4bit
     assert plan.batch_size * plan.grad_accum == 8
-    need = estimate_peak_bytes(LLAMA8B, tokens=plan.batch_size * 2048, load_in_4bit=True, checkpointing="unsloth",
-                               lora_r=16, target_modules=_cfg().lora.target_modules, optim=plan.optim)
+    need = micro_batch_peak(_cfg(), LLAMA8B, plan, plan.batch_size * 2048)
     assert need <= 8 * GIB and "does not fit" not in plan.reasons["batch_size"]
 
 
